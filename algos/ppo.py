@@ -1,0 +1,419 @@
+r"""PPO: Proximal Policy Optimization with the clipped surrogate and GAE, discrete actions.
+
+Schulman, Wolski, Dhariwal, Radford, Klimov (2017), "Proximal Policy Optimization
+Algorithms", arXiv:1707.06347. Advantages by GAE: Schulman, Moritz, Levine, Jordan,
+Abbeel (2016), "High-Dimensional Continuous Control Using Generalized Advantage
+Estimation", arXiv:1506.02438.
+
+Collect T steps from N environments with the current policy π_θold, then take several
+epochs of minibatch gradient steps on the clipped surrogate, which keeps the new policy
+close to the one that collected the data.
+
+Probability ratio:
+$$ r_t(\theta) = \frac{\pi_\theta(a_t|s_t)}{\pi_{\theta_{old}}(a_t|s_t)} \tag{1} $$
+
+TD residual (no bootstrap past a termination; at a truncation V(s_{t+1}) is the value of
+the final observation):
+$$ \delta_t = r_t + \gamma V(s_{t+1})(1 - \text{term}_t) - V(s_t) \tag{2} $$
+
+GAE(λ), the recursion cut at every episode end d_t = term_t or trunc_t:
+$$ \hat A_t = \delta_t + \gamma\lambda(1 - d_t)\hat A_{t+1}, \qquad \hat R_t = \hat A_t + V(s_t) \tag{3} $$
+
+Clipped surrogate objective (maximised):
+$$ L^{CLIP}(\theta) = \mathbb{E}_t\left[\min\left(r_t(\theta)\hat A_t,\;
+   \text{clip}(r_t(\theta), 1-\epsilon, 1+\epsilon)\hat A_t\right)\right] \tag{4} $$
+
+Value loss, optionally clipped around the old prediction V_old:
+$$ L^{VF} = \tfrac12\mathbb{E}_t\left[\max\left((V_\phi(s_t) - \hat R_t)^2,\;
+   (V_{old}(s_t) + \text{clip}(V_\phi(s_t) - V_{old}(s_t), -\epsilon, \epsilon) - \hat R_t)^2\right)\right] \tag{5} $$
+
+Total loss (minimised), with entropy bonus H:
+$$ L = -L^{CLIP} + c_1 L^{VF} - c_2 \mathbb{E}_t[H(\pi_\theta(\cdot|s_t))] \tag{6} $$
+
+Diagnostics: approx_kl = E[(r - 1) - log r] (an unbiased, non-negative estimator of
+KL(π_old || π_θ)), clipfrac = share of samples with |r - 1| > ε, explained variance of V.
+
+Environments: gymnasium vector envs in their default NEXT_STEP autoreset mode. After an
+episode ends at step t, the next `step` call returns the first observation of a new
+episode and ignores its action; so row t+1 of the rollout holds the final observation of
+the old episode. Such a "reset row" is no transition and is dropped from the loss, but
+its value V(s_{t+1}) is exactly the bootstrap that (2) needs at a truncation.
+
+Run:
+    python algos/ppo.py                              # CartPole-v1
+    python algos/ppo.py --env-id Acrobot-v1 --total-timesteps 500000
+    python algos/ppo.py --help
+
+Defaults: 8 envs × 64 steps, lr 1e-3 annealed; otherwise the usual settings (4 epochs,
+4 minibatches, ε = 0.2, 64×64 tanh networks). CleanRL's settings (4 envs × 128 steps,
+lr 2.5e-4) are `--num-envs 4 --num-steps 128 --learning-rate 2.5e-4`.
+"""
+
+import json
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run directory)"""
+    seed: int = 1
+    """seed of random, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """use deterministic torch algorithms (same seed, same returns on CPU)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "pg-reference"
+    """the Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """the Weights & Biases entity (team)"""
+    capture_video: bool = False
+    """record videos of environment 0 into the run directory"""
+    save_model: bool = False
+    """save the model to runs/<run>/ppo.pt at the end (and on Ctrl-C)"""
+    eval_checkpoint: Optional[str] = None
+    """path of a saved model: evaluate it without learning, then exit"""
+    eval_episodes: int = 10
+    """number of episodes for --eval-checkpoint"""
+
+    env_id: str = "CartPole-v1"
+    """the gymnasium environment id (Discrete actions, vector observations)"""
+    total_timesteps: int = 500_000
+    """total environment steps over all envs"""
+    learning_rate: float = 1e-3
+    """Adam learning rate"""
+    num_envs: int = 8
+    """number of parallel environments"""
+    num_steps: int = 64
+    """steps per environment per rollout (T)"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0"""
+    gamma: float = 0.99
+    """discount factor γ"""
+    gae_lambda: float = 0.95
+    """GAE λ in (3)"""
+    num_minibatches: int = 4
+    """minibatches per epoch (must divide num_envs * num_steps)"""
+    update_epochs: int = 4
+    """epochs over each rollout"""
+    norm_adv: bool = True
+    """normalise advantages within each minibatch"""
+    clip_coef: float = 0.2
+    """surrogate clipping ε in (4) (and (5))"""
+    clip_vloss: bool = True
+    """clip the value loss as in (5)"""
+    ent_coef: float = 0.01
+    """entropy coefficient c_2 in (6)"""
+    vf_coef: float = 0.5
+    """value-loss coefficient c_1 in (6)"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clipping"""
+    target_kl: Optional[float] = None
+    """stop the epochs early once approx_kl exceeds this"""
+
+
+def fail(message: str):
+    """Bad input: one clear line on stderr and exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
+    def thunk():
+        if capture_video and idx == 0:
+            env = gym.make(env_id, render_mode="rgb_array")
+            env = gym.wrappers.RecordVideo(env, os.path.join(run_dir, "videos"), disable_logger=True)
+        else:
+            env = gym.make(env_id)
+        return gym.wrappers.RecordEpisodeStatistics(env)
+
+    return thunk
+
+
+def check_env(env_id: str):
+    """Refuse an unknown id or a wrong action/observation space before anything starts."""
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as e:
+        fail(f"unknown env id {env_id!r} ({e}); try --env-id CartPole-v1")
+    act_space, obs_space = env.action_space, env.observation_space
+    env.close()
+    if isinstance(act_space, gym.spaces.Box):
+        fail(f"{env_id} has continuous (Box) actions; ppo.py is for Discrete actions: use algos/ppo_continuous.py")
+    if not isinstance(act_space, gym.spaces.Discrete):
+        fail(f"{env_id} has {act_space} actions; ppo.py needs a Discrete action space")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        fail(f"{env_id} has observations {obs_space}; ppo.py needs flat vectors (pixels: use algos/ppo_atari.py)")
+
+
+def gae(rewards, values, terminations, truncations, gamma, gae_lambda):
+    """Advantages by GAE(λ), equations (2) and (3), on a [T, N] rollout.
+
+    values has T + 1 rows: V(s_0) .. V(s_T), the last being V(next_obs) after the rollout.
+    Row t + 1 after an episode end holds the final observation (NEXT_STEP autoreset), so
+    values[t + 1] is the truncation bootstrap. Rows that are reset steps get meaningless
+    entries; the caller drops them.
+    """
+    dones = np.logical_or(terminations, truncations)
+    advantages = np.zeros_like(rewards)
+    last = np.zeros_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + gamma * values[t + 1] * (1.0 - terminations[t]) - values[t]  # (2)
+        last = delta + gamma * gae_lambda * (1.0 - dones[t]) * last  # (3)
+        advantages[t] = last
+    return advantages
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_dim: int, n_actions: int):
+        super().__init__()
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 1), std=1.0),
+        )
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, n_actions), std=0.01),
+        )
+
+    def act(self, obs):
+        """Sample a ~ π(·|s) by the Gumbel-max trick: argmax(logits + Gumbel noise), and
+        -log(E) with E ~ Exp(1) is Gumbel(0, 1). Same distribution as a Categorical, fewer ops."""
+        logits = self.actor(obs)
+        return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+
+    def evaluate(self, obs, actions):
+        """log π(a|s), entropy H(π(·|s)) and V(s) for a batch."""
+        logp = self.actor(obs).log_softmax(-1)
+        log_prob = logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        return log_prob, entropy, self.critic(obs).squeeze(-1)
+
+
+def setup(args: Args, run_name: str):
+    """Seeding, device and logging shared by training and evaluation."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny networks: threads cost more than they give
+    run_dir = os.path.join("runs", run_name)
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs Weights & Biases: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    return device, run_dir, writer
+
+
+def evaluate(args: Args) -> dict:
+    """--eval-checkpoint: act greedily with a saved model, no learning."""
+    if not os.path.isfile(args.eval_checkpoint):
+        fail(f"no checkpoint at {args.eval_checkpoint}")
+    ckpt = torch.load(args.eval_checkpoint, map_location="cpu", weights_only=True)
+    if ckpt.get("algorithm") != "ppo":
+        fail(f"{args.eval_checkpoint} was saved by {ckpt.get('algorithm')}.py, not ppo.py: evaluate it with that script")
+    args.env_id = ckpt["args"]["env_id"]
+    check_env(args.env_id)
+    if args.eval_episodes <= 0:
+        fail(f"--eval-episodes must be positive, got {args.eval_episodes}")
+    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
+    device, run_dir, writer = setup(args, run_name)
+    env = make_env(args.env_id, 0, args.capture_video, run_dir)()
+    agent = Agent(env.observation_space.shape[0], env.action_space.n).to(device)
+    agent.load_state_dict(ckpt["model"])
+    returns = []
+    obs, _ = env.reset(seed=args.seed)
+    while len(returns) < args.eval_episodes:
+        with torch.inference_mode():
+            action = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=device)).argmax().item()
+        obs, _, terminated, truncated, info = env.step(action)
+        if terminated or truncated:
+            returns.append(float(info["episode"]["r"]))
+            writer.add_scalar("eval/episodic_return", returns[-1], len(returns))
+            obs, _ = env.reset()
+    env.close()
+    writer.close()
+    summary = dict(env_id=args.env_id, algorithm="ppo", mode="eval", seed=args.seed, checkpoint=args.eval_checkpoint,
+                   episodes=len(returns), mean_return=float(np.mean(returns)), std_return=float(np.std(returns)))
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"eval {args.env_id}: mean return {summary['mean_return']:.2f} ± {summary['std_return']:.2f} over {len(returns)} episodes")
+    return summary
+
+
+def train(args: Args) -> dict:
+    if args.eval_checkpoint:
+        return evaluate(args)
+    batch_size = args.num_envs * args.num_steps
+    if min(args.total_timesteps, args.num_envs, args.num_steps, args.num_minibatches, args.update_epochs) <= 0:
+        fail("--total-timesteps, --num-envs, --num-steps, --num-minibatches and --update-epochs must be positive")
+    if batch_size % args.num_minibatches:
+        fail(f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} "
+             f"(num_envs {args.num_envs} × num_steps {args.num_steps}); pick a divisor of {batch_size}")
+    num_iterations = args.total_timesteps // batch_size
+    if num_iterations == 0:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size}; raise it or shrink the batch")
+    check_env(args.env_id)
+
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    device, run_dir, writer = setup(args, run_name)
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_dir) for i in range(args.num_envs)])
+    envs.action_space.seed(args.seed)
+    obs_dim = envs.single_observation_space.shape[0]
+    agent = Agent(obs_dim, envs.single_action_space.n).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5,
+                                 fused=True if device.type in ("cpu", "cuda") else None)
+    rng = np.random.default_rng(args.seed)
+
+    # Rollout storage on the host (the envs live there); one copy to `device` per iteration.
+    T, N = args.num_steps, args.num_envs
+    obs = np.zeros((T, N, obs_dim), dtype=np.float32)
+    actions = np.zeros((T, N), dtype=np.int64)
+    rewards = np.zeros((T, N), dtype=np.float32)
+    terminations = np.zeros((T, N), dtype=np.float32)
+    truncations = np.zeros((T, N), dtype=np.float32)
+    resets = np.zeros((T, N), dtype=bool)  # row t is the reset step after an episode ended at t - 1
+
+    global_step, start_time = 0, time.time()
+    recent_returns = deque(maxlen=20)
+    episodes = 0
+    next_obs, _ = envs.reset(seed=args.seed)
+    next_done = np.zeros(N, dtype=bool)
+    log_every = max(1, num_iterations // 20)
+    interrupted = False
+    try:
+        for iteration in range(1, num_iterations + 1):
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
+
+            for step in range(T):
+                obs[step], resets[step] = next_obs, next_done
+                with torch.inference_mode():
+                    action = agent.act(torch.as_tensor(next_obs, dtype=torch.float32, device=device))
+                actions[step] = action.cpu().numpy()
+                next_obs, rewards[step], term, trunc, infos = envs.step(actions[step])
+                terminations[step], truncations[step] = term, trunc
+                next_done = term | trunc
+                global_step += N
+                if "episode" in infos:
+                    for i in np.flatnonzero(infos["_episode"]):
+                        r, length = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
+                        recent_returns.append(r)
+                        episodes += 1
+                        writer.add_scalar("charts/episodic_return", r, global_step)
+                        writer.add_scalar("charts/episodic_length", length, global_step)
+
+            # One batched pass for V(s_0..s_T) and log π_old(a|s) of the whole rollout.
+            with torch.inference_mode():
+                all_obs = torch.as_tensor(np.concatenate([obs, next_obs[None].astype(np.float32)]), device=device)
+                b_actions = torch.as_tensor(actions, device=device).reshape(-1)
+                b_logprobs, _, b_values = agent.evaluate(all_obs[:-1].reshape(-1, obs_dim), b_actions)
+                values = agent.critic(all_obs).squeeze(-1).cpu().numpy()
+            advantages = gae(rewards, values, terminations, truncations, args.gamma, args.gae_lambda)
+            returns = advantages + values[:-1]  # (3)
+
+            valid = np.flatnonzero(~resets.reshape(-1))  # reset rows hold no transition
+            b_obs = all_obs[:-1].reshape(-1, obs_dim)
+            b_advantages = torch.as_tensor(advantages.reshape(-1), device=device)
+            b_returns = torch.as_tensor(returns.reshape(-1), device=device)
+
+            log_ratios, approx_kls = [], []
+            for epoch in range(args.update_epochs):
+                for mb in np.array_split(rng.permutation(valid), args.num_minibatches):
+                    mb = torch.as_tensor(mb, device=device)
+                    new_logprob, entropy, new_value = agent.evaluate(b_obs[mb], b_actions[mb])
+                    log_ratio = new_logprob - b_logprobs[mb]
+                    ratio = log_ratio.exp()  # (1)
+                    log_ratios.append(log_ratio.detach())
+
+                    mb_adv = b_advantages[mb]
+                    if args.norm_adv:
+                        mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                    pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()  # (4)
+
+                    v_loss_unclipped = (new_value - b_returns[mb]) ** 2
+                    if args.clip_vloss:
+                        v_clipped = b_values[mb] + (new_value - b_values[mb]).clamp(-args.clip_coef, args.clip_coef)
+                        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - b_returns[mb]) ** 2).mean()  # (5)
+                    else:
+                        v_loss = 0.5 * v_loss_unclipped.mean()
+                    entropy_loss = entropy.mean()
+                    loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy_loss  # (6)
+
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+                    optimizer.step()
+                log_ratio = torch.cat(log_ratios[-args.num_minibatches:])
+                approx_kls.append(((log_ratio.exp() - 1) - log_ratio).mean())
+                if args.target_kl is not None and approx_kls[-1].item() > args.target_kl:
+                    break
+
+            y_pred, y_true = b_values[valid], b_returns[valid]
+            var_y = y_true.var()
+            explained_var = float("nan") if var_y == 0 else (1 - (y_true - y_pred).var() / var_y).item()
+            sps = int(global_step / (time.time() - start_time))
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+            writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+            writer.add_scalar("losses/approx_kl", torch.stack(approx_kls).mean().item(), global_step)
+            clipfrac = ((torch.cat(log_ratios).exp() - 1).abs() > args.clip_coef).float().mean().item()
+            writer.add_scalar("losses/clipfrac", clipfrac, global_step)
+            writer.add_scalar("losses/explained_variance", explained_var, global_step)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            if iteration % log_every == 0 or iteration == num_iterations:
+                mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
+                print(f"step {global_step:>9,}  SPS {sps:>6,}  return(last 20) {mean_ret:8.2f}", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted at step {global_step:,}; closing logs", file=sys.stderr)
+
+    if args.save_model:
+        path = os.path.join(run_dir, "ppo.pt")
+        torch.save({"algorithm": "ppo", "args": asdict(args), "model": agent.state_dict()}, path)
+        print(f"model saved to {path}")
+    envs.close()
+    writer.close()
+    wall = time.time() - start_time
+    summary = dict(env_id=args.env_id, algorithm="ppo", exp_name=args.exp_name, seed=args.seed, global_step=global_step,
+                   wall_seconds=wall, SPS=global_step / wall,
+                   mean_return=float(np.mean(recent_returns)) if recent_returns else None,
+                   episodes_in_mean=len(recent_returns), episodes=episodes, interrupted=interrupted, run_dir=run_dir)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    train(tyro.cli(Args))

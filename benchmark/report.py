@@ -1,0 +1,149 @@
+"""Read the runs' TensorBoard logs and summaries; write results.md and learning-curve PNGs.
+
+    python benchmark/report.py --runs benchmark/runs/quick --out benchmark/quick
+
+For each (script, task): final return (mean ± std over seeds of the last-20-episode mean
+in summary.json), SPS, wall time, and the env steps and seconds at which the 20-episode
+moving mean first reached the task's threshold (the TensorBoard event's wall time minus
+the run's first event).
+"""
+
+import argparse
+import glob
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+THRESHOLDS = {
+    "CartPole-v1": 475.0,
+    "Acrobot-v1": -100.0,
+    "LunarLander-v3": 200.0,
+    "Pendulum-v1": -200.0,
+    "InvertedPendulum-v4": 900.0,
+    "InvertedPendulum-v5": 900.0,
+    "Hopper-v4": 2500.0,
+    "Hopper-v5": 2500.0,
+}
+WINDOW = 20
+
+
+def episodes(run_dir: str):
+    """(steps, seconds since the run's first event, returns) of every logged episode."""
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    if "charts/episodic_return" not in tags:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    events = acc.Scalars("charts/episodic_return")
+    t0 = min(acc.Scalars(tag)[0].wall_time for tag in tags)
+    steps = np.array([e.step for e in events], dtype=np.int64)
+    seconds = np.array([e.wall_time - t0 for e in events])
+    returns = np.array([e.value for e in events])
+    return steps, seconds, returns
+
+
+def moving_mean(x: np.ndarray, window: int = WINDOW) -> np.ndarray:
+    """Mean of the last `window` values (fewer at the start)."""
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    hi = np.arange(1, len(x) + 1)
+    lo = np.maximum(hi - window, 0)
+    return (c[hi] - c[lo]) / (hi - lo)
+
+
+def first_crossing(steps, seconds, returns, threshold):
+    """Env steps and seconds at which the 20-episode moving mean first reaches threshold."""
+    if len(returns) < WINDOW:
+        return None, None
+    mm = moving_mean(returns)
+    hit = np.flatnonzero(mm[WINDOW - 1:] >= threshold)
+    if len(hit) == 0:
+        return None, None
+    i = hit[0] + WINDOW - 1
+    return int(steps[i]), float(seconds[i])
+
+
+def fmt(values, digits=0):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:,.{digits}f}"
+    return f"{np.mean(values):,.{digits}f} ± {np.std(values):,.{digits}f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="benchmark/runs", help="directory holding the run directories")
+    parser.add_argument("--out", default="benchmark", help="where results.md and the PNGs go")
+    parser.add_argument("--title", default="Benchmark results")
+    args = parser.parse_args()
+
+    groups = defaultdict(list)
+    for path in sorted(glob.glob(os.path.join(args.runs, "**", "summary.json"), recursive=True)):
+        with open(path) as f:
+            summary = json.load(f)
+        if summary.get("mode") == "eval":
+            continue
+        run_dir = os.path.dirname(path)
+        summary["curve"] = episodes(run_dir)
+        groups[(summary["env_id"], summary["algorithm"])].append(summary)
+    if not groups:
+        raise SystemExit(f"no runs with summary.json under {args.runs}")
+
+    os.makedirs(args.out, exist_ok=True)
+    lines = [f"# {args.title}", "",
+             "Final return: mean of the last 20 episodes at the end of each run (mean ± std over seeds). "
+             "Steps / seconds to threshold: when the 20-episode moving mean first reached the threshold "
+             "(seconds from the run's first logged event; — if never).", "",
+             "| task | script | seeds | env steps | final return | SPS | wall s | threshold | steps to threshold | seconds to threshold |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (env_id, algo), runs in sorted(groups.items()):
+        threshold = THRESHOLDS.get(env_id)
+        crossings = [first_crossing(*r["curve"], threshold) if threshold is not None else (None, None) for r in runs]
+        reached = sum(c[0] is not None for c in crossings)
+        lines.append(
+            f"| {env_id} | {algo}.py | {len(runs)} | {fmt([r['global_step'] for r in runs])} "
+            f"| {fmt([r['mean_return'] for r in runs], 1)} | {fmt([r['SPS'] for r in runs])} "
+            f"| {fmt([r['wall_seconds'] for r in runs])} | {threshold if threshold is not None else '—'} "
+            f"| {fmt([c[0] for c in crossings])} ({reached}/{len(runs)}) | {fmt([c[1] for c in crossings], 1)} |")
+    lines.append("")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_env = defaultdict(list)
+    for (env_id, algo), runs in groups.items():
+        by_env[env_id].append((algo, runs))
+    for env_id, entries in sorted(by_env.items()):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for k, (algo, runs) in enumerate(sorted(entries)):
+            color = f"C{k}"
+            for j, r in enumerate(runs):
+                steps, _, returns = r["curve"]
+                if len(returns):
+                    ax.plot(steps, moving_mean(returns), color=color, alpha=0.8, lw=1.2,
+                            label=f"{algo} ({len(runs)} seed{'s' * (len(runs) > 1)})" if j == 0 else None)
+        if env_id in THRESHOLDS:
+            ax.axhline(THRESHOLDS[env_id], color="gray", ls="--", lw=0.8)
+        ax.set_title(f"{env_id}: 20-episode moving mean of the episodic return")
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("return")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(alpha=0.3)
+        png = f"{env_id.replace('/', '_')}.png"
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, png), dpi=110)
+        plt.close(fig)
+        lines.append(f"![{env_id}]({png})")
+        lines.append("")
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {os.path.join(args.out, 'results.md')}")
+
+
+if __name__ == "__main__":
+    main()
