@@ -158,7 +158,7 @@ def check_env(env_id: str):
     if not isinstance(act_space, gym.spaces.Discrete):
         fail(f"{env_id} has {act_space} actions; ppo.py needs a Discrete action space")
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        fail(f"{env_id} has observations {obs_space}; ppo.py needs flat vectors (pixels: use algos/ppo_atari.py)")
+        fail(f"{env_id} has observations {obs_space}; ppo.py needs flat vectors")
 
 
 def gae(rewards, values, terminations, truncations, gamma, gae_lambda):
@@ -239,9 +239,13 @@ def evaluate(args: Args) -> dict:
     """--eval-checkpoint: act greedily with a saved model, no learning."""
     if not os.path.isfile(args.eval_checkpoint):
         fail(f"no checkpoint at {args.eval_checkpoint}")
-    ckpt = torch.load(args.eval_checkpoint, map_location="cpu", weights_only=True)
-    if ckpt.get("algorithm") != "ppo":
-        fail(f"{args.eval_checkpoint} was saved by {ckpt.get('algorithm')}.py, not ppo.py: evaluate it with that script")
+    try:
+        ckpt = torch.load(args.eval_checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot read {args.eval_checkpoint} as a checkpoint ({type(e).__name__})")
+    saved_by = ckpt.get("algorithm") if isinstance(ckpt, dict) else None
+    if saved_by != "ppo":
+        fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not ppo.py: evaluate it with the script that saved it")
     args.env_id = ckpt["args"]["env_id"]
     check_env(args.env_id)
     if args.eval_episodes <= 0:

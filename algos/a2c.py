@@ -1,0 +1,360 @@
+r"""A2C: synchronous advantage actor-critic with n-step returns, discrete actions.
+
+Mnih, Badia, Mirza, Graves, Lillicrap, Harley, Silver, Kavukcuoglu (2016), "Asynchronous
+Methods for Deep Reinforcement Learning", arXiv:1602.01783. A2C is the synchronous,
+batched variant of A3C: N environments step in lockstep and one learner takes one
+gradient step per rollout of T steps from all of them.
+
+n-step return, computed backwards over the rollout; it stops at an episode end d_t =
+term_t or trunc_t, adds nothing after a termination, the value of the final observation
+after a truncation, and V(s_T) after the last step of the rollout:
+$$ R_t = r_t + \gamma (1 - \text{term}_t)\begin{cases} V(s_{t+1}) & d_t \text{ or } t = T-1 \\
+   R_{t+1} & \text{otherwise} \end{cases} \tag{1} $$
+
+Advantage (the critic's value V(s_t) as the baseline):
+$$ A_t = R_t - V(s_t) \tag{2} $$
+
+Policy-gradient loss (A_t is held constant), value loss and entropy bonus:
+$$ L^{\pi} = -\mathbb{E}_t\left[A_t \log \pi_\theta(a_t|s_t)\right] \tag{3} $$
+$$ L^{V} = \tfrac12\mathbb{E}_t\left[(R_t - V_\phi(s_t))^2\right] \tag{4} $$
+$$ L = L^{\pi} + c_v L^{V} - c_e \mathbb{E}_t[H(\pi_\theta(\cdot|s_t))] \tag{5} $$
+
+The gradients of (5) are clipped to a global norm, then RMSProp takes the step, as in the
+paper.
+
+Environments: gymnasium vector envs in their default NEXT_STEP autoreset mode. After an
+episode ends at step t, the next `step` call returns the first observation of a new
+episode and ignores its action, so row t+1 of the rollout holds the final observation of
+the old episode: V of that row is the truncation bootstrap in (1), and the row itself (a
+"reset row") is no transition and is left out of the losses.
+
+Run:
+    python algos/a2c.py                              # CartPole-v1
+    python algos/a2c.py --env-id Acrobot-v1
+    python algos/a2c.py --help
+"""
+
+import json
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run directory)"""
+    seed: int = 1
+    """seed of random, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """use deterministic torch algorithms (same seed, same returns on CPU)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "pg-reference"
+    """the Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """the Weights & Biases entity (team)"""
+    capture_video: bool = False
+    """record videos of environment 0 into the run directory"""
+    save_model: bool = False
+    """save the model to runs/<run>/a2c.pt at the end (and on Ctrl-C)"""
+    eval_checkpoint: Optional[str] = None
+    """path of a saved model: evaluate it without learning, then exit"""
+    eval_episodes: int = 10
+    """number of episodes for --eval-checkpoint"""
+
+    env_id: str = "CartPole-v1"
+    """the gymnasium environment id (Discrete actions, vector observations)"""
+    total_timesteps: int = 500_000
+    """total environment steps over all envs"""
+    learning_rate: float = 7e-4
+    """RMSProp learning rate"""
+    num_envs: int = 8
+    """number of parallel environments"""
+    num_steps: int = 5
+    """steps per environment per update (the n of the n-step return)"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0"""
+    gamma: float = 0.99
+    """discount factor γ"""
+    ent_coef: float = 0.01
+    """entropy coefficient c_e in (5)"""
+    vf_coef: float = 0.5
+    """value-loss coefficient c_v in (5)"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clipping"""
+    rmsprop_alpha: float = 0.99
+    """RMSProp smoothing constant"""
+    rmsprop_eps: float = 1e-5
+    """RMSProp epsilon"""
+
+
+def fail(message: str):
+    """Bad input: one clear line on stderr and exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
+    def thunk():
+        if capture_video and idx == 0:
+            env = gym.make(env_id, render_mode="rgb_array")
+            env = gym.wrappers.RecordVideo(env, os.path.join(run_dir, "videos"), disable_logger=True)
+        else:
+            env = gym.make(env_id)
+        return gym.wrappers.RecordEpisodeStatistics(env)
+
+    return thunk
+
+
+def check_env(env_id: str):
+    """Refuse an unknown id or a wrong action/observation space before anything starts."""
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as e:
+        fail(f"unknown env id {env_id!r} ({e}); try --env-id CartPole-v1")
+    act_space, obs_space = env.action_space, env.observation_space
+    env.close()
+    if isinstance(act_space, gym.spaces.Box):
+        fail(f"{env_id} has continuous (Box) actions; a2c.py is for Discrete actions: use algos/ppo_continuous.py")
+    if not isinstance(act_space, gym.spaces.Discrete):
+        fail(f"{env_id} has {act_space} actions; a2c.py needs a Discrete action space")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        fail(f"{env_id} has observations {obs_space}; a2c.py needs flat vectors")
+
+
+def nstep_returns(rewards, values, terminations, truncations, gamma):
+    """n-step returns R_t of equation (1) on a [T, N] rollout.
+
+    values has T + 1 rows: V(s_0) .. V(s_T), the last being V(next_obs) after the rollout.
+    Row t + 1 after an episode end holds the final observation (NEXT_STEP autoreset), so
+    values[t + 1] is the truncation bootstrap. Rows that are reset steps get meaningless
+    entries; the caller drops them.
+    """
+    dones = np.logical_or(terminations, truncations)
+    returns = np.zeros_like(rewards)
+    next_return = values[-1]
+    for t in reversed(range(len(rewards))):
+        tail = np.where(dones[t], values[t + 1], next_return)
+        next_return = rewards[t] + gamma * (1.0 - terminations[t]) * tail  # (1)
+        returns[t] = next_return
+    return returns
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_dim: int, n_actions: int):
+        super().__init__()
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 1), std=1.0),
+        )
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, n_actions), std=0.01),
+        )
+
+    def act(self, obs):
+        """Sample a ~ π(·|s) by the Gumbel-max trick: argmax(logits + Gumbel noise), and
+        -log(E) with E ~ Exp(1) is Gumbel(0, 1). Same distribution as a Categorical, fewer ops."""
+        logits = self.actor(obs)
+        return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+
+    def log_prob_entropy(self, obs, actions):
+        """log π(a|s) and the entropy H(π(·|s)) for a batch."""
+        logp = self.actor(obs).log_softmax(-1)
+        return logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def setup(args: Args, run_name: str):
+    """Seeding, device and logging shared by training and evaluation."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny networks: threads cost more than they give
+    run_dir = os.path.join("runs", run_name)
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs Weights & Biases: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    return device, run_dir, writer
+
+
+def evaluate(args: Args) -> dict:
+    """--eval-checkpoint: act greedily with a saved model, no learning."""
+    if not os.path.isfile(args.eval_checkpoint):
+        fail(f"no checkpoint at {args.eval_checkpoint}")
+    try:
+        ckpt = torch.load(args.eval_checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot read {args.eval_checkpoint} as a checkpoint ({type(e).__name__})")
+    saved_by = ckpt.get("algorithm") if isinstance(ckpt, dict) else None
+    if saved_by != "a2c":
+        fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not a2c.py: evaluate it with the script that saved it")
+    args.env_id = ckpt["args"]["env_id"]
+    check_env(args.env_id)
+    if args.eval_episodes <= 0:
+        fail(f"--eval-episodes must be positive, got {args.eval_episodes}")
+    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
+    device, run_dir, writer = setup(args, run_name)
+    env = make_env(args.env_id, 0, args.capture_video, run_dir)()
+    agent = Agent(env.observation_space.shape[0], env.action_space.n).to(device)
+    agent.load_state_dict(ckpt["model"])
+    returns = []
+    obs, _ = env.reset(seed=args.seed)
+    while len(returns) < args.eval_episodes:
+        with torch.inference_mode():
+            action = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=device)).argmax().item()
+        obs, _, terminated, truncated, info = env.step(action)
+        if terminated or truncated:
+            returns.append(float(info["episode"]["r"]))
+            writer.add_scalar("eval/episodic_return", returns[-1], len(returns))
+            obs, _ = env.reset()
+    env.close()
+    writer.close()
+    summary = dict(env_id=args.env_id, algorithm="a2c", mode="eval", seed=args.seed, checkpoint=args.eval_checkpoint,
+                   episodes=len(returns), mean_return=float(np.mean(returns)), std_return=float(np.std(returns)))
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"eval {args.env_id}: mean return {summary['mean_return']:.2f} ± {summary['std_return']:.2f} over {len(returns)} episodes")
+    return summary
+
+
+def train(args: Args) -> dict:
+    if args.eval_checkpoint:
+        return evaluate(args)
+    batch_size = args.num_envs * args.num_steps
+    if min(args.total_timesteps, args.num_envs, args.num_steps) <= 0:
+        fail("--total-timesteps, --num-envs and --num-steps must be positive")
+    num_iterations = args.total_timesteps // batch_size
+    if num_iterations == 0:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size}; raise it or shrink the batch")
+    check_env(args.env_id)
+
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    device, run_dir, writer = setup(args, run_name)
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_dir) for i in range(args.num_envs)])
+    envs.action_space.seed(args.seed)
+    obs_dim = envs.single_observation_space.shape[0]
+    agent = Agent(obs_dim, envs.single_action_space.n).to(device)
+    optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=args.rmsprop_alpha,
+                                    eps=args.rmsprop_eps, foreach=True)
+
+    # Rollout storage on the host (the envs live there); one copy to `device` per update.
+    T, N = args.num_steps, args.num_envs
+    obs = np.zeros((T, N, obs_dim), dtype=np.float32)
+    actions = np.zeros((T, N), dtype=np.int64)
+    rewards = np.zeros((T, N), dtype=np.float32)
+    terminations = np.zeros((T, N), dtype=np.float32)
+    truncations = np.zeros((T, N), dtype=np.float32)
+    resets = np.zeros((T, N), dtype=bool)  # row t is the reset step after an episode ended at t - 1
+
+    global_step, start_time = 0, time.time()
+    recent_returns = deque(maxlen=20)
+    episodes = 0
+    next_obs, _ = envs.reset(seed=args.seed)
+    next_done = np.zeros(N, dtype=bool)
+    log_every = max(1, num_iterations // 20)
+    interrupted = False
+    try:
+        for iteration in range(1, num_iterations + 1):
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
+
+            for step in range(T):
+                obs[step], resets[step] = next_obs, next_done
+                with torch.inference_mode():
+                    action = agent.act(torch.as_tensor(next_obs, dtype=torch.float32, device=device))
+                actions[step] = action.cpu().numpy()
+                next_obs, rewards[step], term, trunc, infos = envs.step(actions[step])
+                terminations[step], truncations[step] = term, trunc
+                next_done = term | trunc
+                global_step += N
+                if "episode" in infos:
+                    for i in np.flatnonzero(infos["_episode"]):
+                        r, length = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
+                        recent_returns.append(r)
+                        episodes += 1
+                        writer.add_scalar("charts/episodic_return", r, global_step)
+                        writer.add_scalar("charts/episodic_length", length, global_step)
+
+            all_obs = torch.as_tensor(np.concatenate([obs, next_obs[None].astype(np.float32)]), device=device)
+            values = agent.critic(all_obs).squeeze(-1)  # V(s_0) .. V(s_T), with gradient
+            returns = nstep_returns(rewards, values.detach().cpu().numpy(), terminations, truncations, args.gamma)
+            valid = torch.as_tensor(~resets.reshape(-1), device=device)  # reset rows hold no transition
+            b_returns = torch.as_tensor(returns.reshape(-1), device=device)[valid]
+            b_values = values[:-1].reshape(-1)[valid]
+            log_prob, entropy = agent.log_prob_entropy(all_obs[:-1].reshape(-1, obs_dim)[valid],
+                                                       torch.as_tensor(actions.reshape(-1), device=device)[valid])
+            advantages = (b_returns - b_values).detach()  # (2)
+            pg_loss = -(advantages * log_prob).mean()  # (3)
+            v_loss = 0.5 * ((b_returns - b_values) ** 2).mean()  # (4)
+            entropy_loss = entropy.mean()
+            loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy_loss  # (5)
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+            optimizer.step()
+
+            if iteration % 25 == 0 or iteration == num_iterations:  # losses every 25 updates: logging is not free
+                sps = int(global_step / (time.time() - start_time))
+                writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+                writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+                writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+                writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+                writer.add_scalar("charts/SPS", sps, global_step)
+            if iteration % log_every == 0 or iteration == num_iterations:
+                sps = int(global_step / (time.time() - start_time))
+                mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
+                print(f"step {global_step:>9,}  SPS {sps:>6,}  return(last 20) {mean_ret:8.2f}", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted at step {global_step:,}; closing logs", file=sys.stderr)
+
+    if args.save_model:
+        path = os.path.join(run_dir, "a2c.pt")
+        torch.save({"algorithm": "a2c", "args": asdict(args), "model": agent.state_dict()}, path)
+        print(f"model saved to {path}")
+    envs.close()
+    writer.close()
+    wall = time.time() - start_time
+    summary = dict(env_id=args.env_id, algorithm="a2c", exp_name=args.exp_name, seed=args.seed, global_step=global_step,
+                   wall_seconds=wall, SPS=global_step / wall,
+                   mean_return=float(np.mean(recent_returns)) if recent_returns else None,
+                   episodes_in_mean=len(recent_returns), episodes=episodes, interrupted=interrupted, run_dir=run_dir)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    train(tyro.cli(Args))

@@ -1,0 +1,360 @@
+r"""REINFORCE: Monte-Carlo policy gradient, discrete actions; `--baseline` adds a learned V(s).
+
+Williams (1992), "Simple Statistical Gradient-Following Algorithms for Connectionist
+Reinforcement Learning", Machine Learning 8, 229-256. The form with reward-to-go and a
+state-value baseline follows Sutton & Barto, "Reinforcement Learning: An Introduction"
+(2nd ed., 2018), section 13.3-13.4.
+
+Objective and policy-gradient theorem:
+$$ J(\theta) = \mathbb{E}_{\tau\sim\pi_\theta}\Big[\sum_{t=0}^{T} \gamma^t r_t\Big], \qquad
+   \nabla_\theta J(\theta) = \mathbb{E}_{\tau\sim\pi_\theta}\Big[\sum_{t=0}^{T}
+   \gamma^t G_t \nabla_\theta \log\pi_\theta(a_t|s_t)\Big] \tag{1} $$
+
+Reward-to-go, the return from step t on (Monte-Carlo, from complete episodes):
+$$ G_t = \sum_{k=t}^{T} \gamma^{k-t} r_k = r_t + \gamma G_{t+1} \tag{2} $$
+
+An episode that a time limit truncates (not a terminal state) continues in principle; with
+`--baseline` the tail is estimated by V(s_{T+1}) (G_T = r_T + γV(s_{T+1})), without a
+critic it is taken as 0.
+
+Update rule (one sample of (1)), and with a baseline b(s_t) = V_φ(s_t), which leaves the
+gradient unbiased and lowers its variance:
+$$ \theta \leftarrow \theta + \alpha\,\gamma^t G_t \nabla_\theta\log\pi_\theta(a_t|s_t) \tag{3} $$
+$$ \theta \leftarrow \theta + \alpha\,\gamma^t (G_t - V_\phi(s_t)) \nabla_\theta\log\pi_\theta(a_t|s_t) \tag{4} $$
+
+The baseline is its own network with its own optimiser, regressed on the returns:
+$$ L^{V}(\phi) = \tfrac12\,\mathbb{E}_t\big[(G_t - V_\phi(s_t))^2\big] \tag{5} $$
+
+The γ^t factor makes (3) the exact gradient of the discounted objective, but it nearly
+silences late steps; common practice (and the default here) drops it, `--gamma-t-weight`
+puts it back.
+
+Each update collects exactly one complete episode from each of the N vector envs; envs that
+finish early wait for the others (their autoreset steps are discarded and not counted).
+
+Run:
+    python algos/reinforce.py                        # CartPole-v1
+    python algos/reinforce.py --baseline
+    python algos/reinforce.py --help
+"""
+
+import json
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run directory)"""
+    seed: int = 1
+    """seed of random, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """use deterministic torch algorithms (same seed, same returns on CPU)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "pg-reference"
+    """the Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """the Weights & Biases entity (team)"""
+    capture_video: bool = False
+    """record videos of environment 0 into the run directory"""
+    save_model: bool = False
+    """save the model to runs/<run>/reinforce.pt at the end (and on Ctrl-C)"""
+    eval_checkpoint: Optional[str] = None
+    """path of a saved model: evaluate it without learning, then exit"""
+    eval_episodes: int = 10
+    """number of episodes for --eval-checkpoint"""
+
+    env_id: str = "CartPole-v1"
+    """the gymnasium environment id (Discrete actions, vector observations)"""
+    total_timesteps: int = 500_000
+    """total environment steps (of the collected episodes)"""
+    learning_rate: float = 1e-3
+    """Adam learning rate of the policy"""
+    num_envs: int = 8
+    """parallel environments = episodes per update"""
+    gamma: float = 0.99
+    """discount factor γ"""
+    baseline: bool = False
+    """subtract a learned state value V(s_t) from G_t, equation (4)"""
+    baseline_learning_rate: float = 1e-3
+    """Adam learning rate of the baseline V(s)"""
+    gamma_t_weight: bool = False
+    """weight step t by γ^t as in the exact gradient (1)"""
+
+
+def fail(message: str):
+    """Bad input: one clear line on stderr and exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
+    def thunk():
+        if capture_video and idx == 0:
+            env = gym.make(env_id, render_mode="rgb_array")
+            env = gym.wrappers.RecordVideo(env, os.path.join(run_dir, "videos"), disable_logger=True)
+        else:
+            env = gym.make(env_id)
+        return gym.wrappers.RecordEpisodeStatistics(env)
+
+    return thunk
+
+
+def check_env(env_id: str):
+    """Refuse an unknown id or a wrong action/observation space before anything starts."""
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as e:
+        fail(f"unknown env id {env_id!r} ({e}); try --env-id CartPole-v1")
+    act_space, obs_space = env.action_space, env.observation_space
+    env.close()
+    if isinstance(act_space, gym.spaces.Box):
+        fail(f"{env_id} has continuous (Box) actions; reinforce.py is for Discrete actions: use algos/ppo_continuous.py")
+    if not isinstance(act_space, gym.spaces.Discrete):
+        fail(f"{env_id} has {act_space} actions; reinforce.py needs a Discrete action space")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        fail(f"{env_id} has observations {obs_space}; reinforce.py needs flat vectors")
+
+
+def reward_to_go(rewards, terminations, truncations, gamma, values=None):
+    """Reward-to-go G_t of equation (2) on a [T, N] batch of episodes.
+
+    The recursion G_t = r_t + γ G_{t+1} restarts at every episode end. After a termination
+    nothing follows; after a truncation the tail is values[t + 1], the value of the final
+    observation, which NEXT_STEP autoreset leaves in row t + 1 (values has T + 1 rows;
+    None means no critic: the tail is 0). Beyond the last row G is 0, so every episode
+    must be complete; rows after an episode's end (reset steps, later episodes) get
+    meaningless entries that the caller drops.
+    """
+    dones = np.logical_or(terminations, truncations)
+    returns = np.zeros_like(rewards)
+    next_return = np.zeros_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        tail = values[t + 1] * truncations[t] if values is not None else 0.0
+        next_return = rewards[t] + gamma * (1.0 - terminations[t]) * np.where(dones[t], tail, next_return)  # (2)
+        returns[t] = next_return
+    return returns
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(obs_dim: int, out_dim: int, out_std: float):
+    return nn.Sequential(
+        layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+        layer_init(nn.Linear(64, 64)), nn.Tanh(),
+        layer_init(nn.Linear(64, out_dim), std=out_std),
+    )
+
+
+class Policy(nn.Module):
+    """π_θ(a|s): a categorical distribution over the logits of an MLP."""
+
+    def __init__(self, obs_dim: int, n_actions: int):
+        super().__init__()
+        self.logits = mlp(obs_dim, n_actions, out_std=0.01)
+
+    def act(self, obs):
+        """Sample a ~ π(·|s) by the Gumbel-max trick: argmax(logits + Gumbel noise), and
+        -log(E) with E ~ Exp(1) is Gumbel(0, 1). Same distribution as a Categorical, fewer ops."""
+        logits = self.logits(obs)
+        return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+
+    def log_prob(self, obs, actions):
+        return self.logits(obs).log_softmax(-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+
+class Baseline(nn.Module):
+    """V_φ(s), a separate network with its own optimiser (only with --baseline)."""
+
+    def __init__(self, obs_dim: int):
+        super().__init__()
+        self.v = mlp(obs_dim, 1, out_std=1.0)
+
+    def forward(self, obs):
+        return self.v(obs).squeeze(-1)
+
+
+def setup(args: Args, run_name: str):
+    """Seeding, device and logging shared by training and evaluation."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny networks: threads cost more than they give
+    run_dir = os.path.join("runs", run_name)
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs Weights & Biases: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    return device, run_dir, writer
+
+
+def evaluate(args: Args) -> dict:
+    """--eval-checkpoint: act greedily with a saved model, no learning."""
+    if not os.path.isfile(args.eval_checkpoint):
+        fail(f"no checkpoint at {args.eval_checkpoint}")
+    try:
+        ckpt = torch.load(args.eval_checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot read {args.eval_checkpoint} as a checkpoint ({type(e).__name__})")
+    saved_by = ckpt.get("algorithm") if isinstance(ckpt, dict) else None
+    if saved_by != "reinforce":
+        fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not reinforce.py: evaluate it with the script that saved it")
+    args.env_id = ckpt["args"]["env_id"]
+    check_env(args.env_id)
+    if args.eval_episodes <= 0:
+        fail(f"--eval-episodes must be positive, got {args.eval_episodes}")
+    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
+    device, run_dir, writer = setup(args, run_name)
+    env = make_env(args.env_id, 0, args.capture_video, run_dir)()
+    policy = Policy(env.observation_space.shape[0], env.action_space.n).to(device)
+    policy.load_state_dict(ckpt["model"])
+    returns = []
+    obs, _ = env.reset(seed=args.seed)
+    while len(returns) < args.eval_episodes:
+        with torch.inference_mode():
+            action = policy.logits(torch.as_tensor(obs, dtype=torch.float32, device=device)).argmax().item()
+        obs, _, terminated, truncated, info = env.step(action)
+        if terminated or truncated:
+            returns.append(float(info["episode"]["r"]))
+            writer.add_scalar("eval/episodic_return", returns[-1], len(returns))
+            obs, _ = env.reset()
+    env.close()
+    writer.close()
+    summary = dict(env_id=args.env_id, algorithm="reinforce", mode="eval", seed=args.seed, checkpoint=args.eval_checkpoint,
+                   episodes=len(returns), mean_return=float(np.mean(returns)), std_return=float(np.std(returns)))
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"eval {args.env_id}: mean return {summary['mean_return']:.2f} ± {summary['std_return']:.2f} over {len(returns)} episodes")
+    return summary
+
+
+def train(args: Args) -> dict:
+    if args.eval_checkpoint:
+        return evaluate(args)
+    if min(args.total_timesteps, args.num_envs) <= 0:
+        fail("--total-timesteps and --num-envs must be positive")
+    check_env(args.env_id)
+
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    device, run_dir, writer = setup(args, run_name)
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_dir) for i in range(args.num_envs)])
+    envs.action_space.seed(args.seed)
+    obs_dim, N = envs.single_observation_space.shape[0], args.num_envs
+    policy = Policy(obs_dim, envs.single_action_space.n).to(device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
+    if args.baseline:
+        baseline = Baseline(obs_dim).to(device)
+        baseline_optimizer = torch.optim.Adam(baseline.parameters(), lr=args.baseline_learning_rate)
+
+    global_step, start_time, iteration = 0, time.time(), 0
+    recent_returns = deque(maxlen=20)
+    episodes = 0
+    next_obs, _ = envs.reset(seed=args.seed)
+    last_print = 0
+    interrupted = False
+    try:
+        while global_step < args.total_timesteps:
+            iteration += 1
+            # One complete episode from every env; row t holds step t of all N episodes.
+            if iteration > 1:
+                next_obs, _ = envs.reset()
+            obs, actions, rewards, terminations, truncations, alive_rows = [], [], [], [], [], []
+            alive = np.ones(N, dtype=bool)
+            while alive.any():
+                obs.append(next_obs)
+                alive_rows.append(alive.copy())
+                with torch.inference_mode():
+                    action = policy.act(torch.as_tensor(next_obs, dtype=torch.float32, device=device)).cpu().numpy()
+                next_obs, reward, term, trunc, infos = envs.step(action)
+                actions.append(action), rewards.append(reward), terminations.append(term), truncations.append(trunc)
+                global_step += int(alive.sum())
+                if "episode" in infos:
+                    for i in np.flatnonzero(infos["_episode"] & alive):
+                        r, length = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
+                        recent_returns.append(r)
+                        episodes += 1
+                        writer.add_scalar("charts/episodic_return", r, global_step)
+                        writer.add_scalar("charts/episodic_length", length, global_step)
+                alive &= ~(term | trunc)
+            obs.append(next_obs)  # row T: the final observation of the longest episode
+
+            all_obs = torch.as_tensor(np.stack(obs), dtype=torch.float32, device=device)  # [T + 1, N, obs_dim]
+            rewards, terminations, truncations = (np.stack(x).astype(np.float32) for x in (rewards, terminations, truncations))
+            valid = torch.as_tensor(np.stack(alive_rows), device=device)  # steps of the collected episodes
+            values = baseline(all_obs) if args.baseline else None  # V(s_0) .. V(s_T)
+            returns = reward_to_go(rewards, terminations, truncations, args.gamma,
+                                   values.detach().cpu().numpy() if args.baseline else None)
+            returns = torch.as_tensor(returns, device=device)
+            weights = returns - values[:-1].detach() if args.baseline else returns  # G_t - b(s_t)
+            if args.gamma_t_weight:
+                weights = weights * args.gamma ** torch.arange(len(weights), device=device, dtype=torch.float32)[:, None]
+            log_prob = policy.log_prob(all_obs[:-1][valid], torch.as_tensor(np.stack(actions), device=device)[valid])
+            pg_loss = -(weights[valid] * log_prob).mean()  # (3), or (4) with the baseline
+            optimizer.zero_grad(set_to_none=True)
+            pg_loss.backward()
+            optimizer.step()
+            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+            if args.baseline:
+                v_loss = 0.5 * ((returns - values[:-1])[valid] ** 2).mean()  # (5)
+                baseline_optimizer.zero_grad(set_to_none=True)
+                v_loss.backward()
+                baseline_optimizer.step()
+                writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+
+            if global_step - last_print >= args.total_timesteps / 20 or global_step >= args.total_timesteps:
+                last_print = global_step
+                sps = int(global_step / (time.time() - start_time))
+                writer.add_scalar("charts/SPS", sps, global_step)
+                mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
+                print(f"step {global_step:>9,}  SPS {sps:>6,}  return(last 20) {mean_ret:8.2f}", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted at step {global_step:,}; closing logs", file=sys.stderr)
+
+    if args.save_model:
+        path = os.path.join(run_dir, "reinforce.pt")
+        torch.save({"algorithm": "reinforce", "args": asdict(args), "model": policy.state_dict(),
+                    "baseline": baseline.state_dict() if args.baseline else None}, path)
+        print(f"model saved to {path}")
+    envs.close()
+    writer.close()
+    wall = time.time() - start_time
+    summary = dict(env_id=args.env_id, algorithm="reinforce", exp_name=args.exp_name, seed=args.seed,
+                   global_step=global_step, wall_seconds=wall, SPS=global_step / wall,
+                   mean_return=float(np.mean(recent_returns)) if recent_returns else None,
+                   episodes_in_mean=len(recent_returns), episodes=episodes, interrupted=interrupted, run_dir=run_dir)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    train(tyro.cli(Args))
