@@ -90,8 +90,8 @@ class Args:
     """decay the learning rate linearly to 0"""
     gamma: float = 0.99
     """discount factor γ"""
-    ent_coef: float = 0.01
-    """entropy coefficient c_e in (5)"""
+    ent_coef: float = 0.0
+    """entropy coefficient c_e in (5); CartPole needs none, raise it (0.01) where exploration is hard"""
     vf_coef: float = 0.5
     """value-loss coefficient c_v in (5)"""
     max_grad_norm: float = 0.5
