@@ -54,6 +54,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -148,9 +149,11 @@ def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
 def check_env(env_id: str):
     """Refuse an unknown id or a wrong action/observation space before anything starts."""
     try:
-        env = gym.make(env_id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # only a probe: the run itself shows gymnasium's warnings
+            env = gym.make(env_id)
     except gym.error.Error as e:
-        fail(f"unknown env id {env_id!r} ({e}); try --env-id CartPole-v1")
+        fail(f"cannot make env {env_id!r}: {e} (try --env-id CartPole-v1)")
     act_space, obs_space = env.action_space, env.observation_space
     env.close()
     if isinstance(act_space, gym.spaces.Box):

@@ -89,7 +89,7 @@ def main():
             continue
         run_dir = os.path.dirname(path)
         summary["curve"] = episodes(run_dir)
-        groups[(summary["env_id"], summary["algorithm"])].append(summary)
+        groups[(summary["env_id"], summary.get("exp_name", summary["algorithm"]))].append(summary)
     if not groups:
         raise SystemExit(f"no runs with summary.json under {args.runs}")
 
@@ -98,14 +98,14 @@ def main():
              "Final return: mean of the last 20 episodes at the end of each run (mean ± std over seeds). "
              "Steps / seconds to threshold: when the 20-episode moving mean first reached the threshold "
              "(seconds from the run's first logged event; — if never).", "",
-             "| task | script | seeds | env steps | final return | SPS | wall s | threshold | steps to threshold | seconds to threshold |",
+             "| task | run (--exp-name) | seeds | env steps | final return | SPS | wall s | threshold | steps to threshold | seconds to threshold |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (env_id, algo), runs in sorted(groups.items()):
         threshold = THRESHOLDS.get(env_id)
         crossings = [first_crossing(*r["curve"], threshold) if threshold is not None else (None, None) for r in runs]
         reached = sum(c[0] is not None for c in crossings)
         lines.append(
-            f"| {env_id} | {algo}.py | {len(runs)} | {fmt([r['global_step'] for r in runs])} "
+            f"| {env_id} | {runs[0]['algorithm']}.py ({algo}) | {len(runs)} | {fmt([r['global_step'] for r in runs])} "
             f"| {fmt([r['mean_return'] for r in runs], 1)} | {fmt([r['SPS'] for r in runs])} "
             f"| {fmt([r['wall_seconds'] for r in runs])} | {threshold if threshold is not None else '—'} "
             f"| {fmt([c[0] for c in crossings])} ({reached}/{len(runs)}) | {fmt([c[1] for c in crossings], 1)} |")

@@ -1,0 +1,552 @@
+r"""PPO for continuous (Box) actions: Gaussian policy, clipped surrogate, GAE, and
+observation/reward normalisation.
+
+Schulman, Wolski, Dhariwal, Radford, Klimov (2017), "Proximal Policy Optimization
+Algorithms", arXiv:1707.06347. Advantages by GAE: Schulman, Moritz, Levine, Jordan,
+Abbeel (2016), "High-Dimensional Continuous Control Using Generalized Advantage
+Estimation", arXiv:1506.02438. The normalisations follow the reference implementation
+(OpenAI baselines' VecNormalize); why they matter: Engstrom, Ilyas, Santurkar, Tsipras,
+Janoos, Rudolph, Madry (2020), "Implementation Matters in Deep Policy Gradients",
+arXiv:2005.12729.
+
+Policy: a diagonal Gaussian whose mean is a network and whose log-std is one learned
+vector, independent of the state:
+$$ \pi_\theta(a|s) = \mathcal N(\mu_\theta(s), \text{diag}(\sigma^2)), \quad
+   \log\pi_\theta(a|s) = \sum_j \left[-\frac{(a_j - \mu_j)^2}{2\sigma_j^2} - \log\sigma_j
+   - \tfrac12\log 2\pi\right], \quad H = \sum_j \left[\log\sigma_j + \tfrac12(1 + \log 2\pi)\right] \tag{1} $$
+
+Probability ratio:
+$$ r_t(\theta) = \frac{\pi_\theta(a_t|s_t)}{\pi_{\theta_{old}}(a_t|s_t)} \tag{2} $$
+
+TD residual (no bootstrap past a termination; at a truncation V(s_{t+1}) is the value of
+the final observation):
+$$ \delta_t = r_t + \gamma V(s_{t+1})(1 - \text{term}_t) - V(s_t) \tag{3} $$
+
+GAE(λ), the recursion cut at every episode end d_t = term_t or trunc_t:
+$$ \hat A_t = \delta_t + \gamma\lambda(1 - d_t)\hat A_{t+1}, \qquad \hat R_t = \hat A_t + V(s_t) \tag{4} $$
+
+Clipped surrogate objective (maximised):
+$$ L^{CLIP}(\theta) = \mathbb{E}_t\left[\min\left(r_t(\theta)\hat A_t,\;
+   \text{clip}(r_t(\theta), 1-\epsilon, 1+\epsilon)\hat A_t\right)\right] \tag{5} $$
+
+Value loss, optionally clipped around the old prediction V_old:
+$$ L^{VF} = \tfrac12\mathbb{E}_t\left[\max\left((V_\phi(s_t) - \hat R_t)^2,\;
+   (V_{old}(s_t) + \text{clip}(V_\phi(s_t) - V_{old}(s_t), -\epsilon, \epsilon) - \hat R_t)^2\right)\right] \tag{6} $$
+
+Total loss (minimised), with entropy bonus H from (1):
+$$ L = -L^{CLIP} + c_1 L^{VF} - c_2 \mathbb{E}_t[H(\pi_\theta(\cdot|s_t))] \tag{7} $$
+
+Running statistics: mean μ, variance σ² and count n of everything seen so far, merged with
+a batch of n_B samples (mean μ_B, variance σ_B²) by the parallel algorithm of Chan,
+Golub, LeVeque (1979), with Δ = μ_B - μ and n' = n + n_B:
+$$ \mu' = \mu + \Delta\frac{n_B}{n'}, \qquad
+   \sigma'^2 = \frac{n\sigma^2 + n_B\sigma_B^2 + \Delta^2 n n_B / n'}{n'} \tag{8} $$
+
+Observation normalisation, with the running statistics of all observations seen:
+$$ \tilde s = \text{clip}\left(\frac{s - \mu_s}{\sqrt{\sigma_s^2 + 10^{-8}}}, -c_s, c_s\right) \tag{9} $$
+
+Reward scaling: divide by the standard deviation of the discounted return G (one
+accumulator per env, restarted at every episode end), not centred so the sign is kept:
+$$ G_t = \gamma G_{t-1}(1 - d_{t-1}) + r_t, \qquad
+   \tilde r_t = \text{clip}\left(\frac{r_t}{\sqrt{\text{Var}[G] + 10^{-8}}}, -c_r, c_r\right) \tag{10} $$
+
+Both statistics live in this script (not in per-env gymnasium wrappers): they are updated
+from the vector env's batches, saved with the model, and reused frozen by
+--eval-checkpoint. `RecordEpisodeStatistics` sits inside, so the logged episodic returns
+are the raw, unscaled ones.
+
+Actions: the sampled, unclipped a_t and its log-probability are stored and learned from;
+only the copy handed to `envs.step` is clipped to the action space's bounds.
+
+Environments: gymnasium vector envs in their default NEXT_STEP autoreset mode. After an
+episode ends at step t, the next `step` call returns the first observation of a new
+episode and ignores its action; so row t+1 of the rollout holds the final observation of
+the old episode (normalised like any other). Such a "reset row" is no transition and is
+dropped from the loss and from the return statistics, but its value V(s_{t+1}) is
+exactly the bootstrap that (3) needs at a truncation.
+
+Run:
+    python algos/ppo_continuous.py --env-id Hopper-v4
+    python algos/ppo_continuous.py --env-id InvertedPendulum-v4 --total-timesteps 150000
+    python algos/ppo_continuous.py --help
+
+Defaults are CleanRL's continuous-control settings: 1 env × 2048 steps, lr 3e-4 annealed,
+10 epochs of 32 minibatches, ε = 0.2, no entropy bonus, 64×64 tanh networks.
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run directory)"""
+    seed: int = 1
+    """seed of random, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """use deterministic torch algorithms (same seed, same returns on CPU)"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "pg-reference"
+    """the Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """the Weights & Biases entity (team)"""
+    capture_video: bool = False
+    """record videos of environment 0 into the run directory"""
+    save_model: bool = False
+    """save the model and normalisation statistics to runs/<run>/ppo_continuous.pt at the end (and on Ctrl-C)"""
+    eval_checkpoint: Optional[str] = None
+    """path of a saved model: evaluate it (mean action, frozen statistics) without learning, then exit"""
+    eval_episodes: int = 10
+    """number of episodes for --eval-checkpoint"""
+
+    env_id: str = "Hopper-v4"
+    """the gymnasium environment id (Box actions, vector observations)"""
+    total_timesteps: int = 1_000_000
+    """total environment steps over all envs"""
+    learning_rate: float = 3e-4
+    """Adam learning rate"""
+    num_envs: int = 1
+    """number of parallel environments"""
+    num_steps: int = 2048
+    """steps per environment per rollout (T)"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0"""
+    gamma: float = 0.99
+    """discount factor γ (also of the return G in (10))"""
+    gae_lambda: float = 0.95
+    """GAE λ in (4)"""
+    num_minibatches: int = 32
+    """minibatches per epoch (must divide num_envs * num_steps)"""
+    update_epochs: int = 10
+    """epochs over each rollout"""
+    norm_adv: bool = True
+    """normalise advantages within each minibatch"""
+    clip_coef: float = 0.2
+    """surrogate clipping ε in (5) (and (6))"""
+    clip_vloss: bool = True
+    """clip the value loss as in (6)"""
+    ent_coef: float = 0.0
+    """entropy coefficient c_2 in (7)"""
+    vf_coef: float = 0.5
+    """value-loss coefficient c_1 in (7)"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clipping"""
+    target_kl: Optional[float] = None
+    """stop the epochs early once approx_kl exceeds this"""
+    norm_obs: bool = True
+    """normalise observations by running statistics, (9)"""
+    clip_obs: float = 10.0
+    """clip normalised observations to ±c_s in (9)"""
+    norm_reward: bool = True
+    """scale rewards by the running std of the discounted return, (10)"""
+    clip_reward: float = 10.0
+    """clip scaled rewards to ±c_r in (10)"""
+
+
+def fail(message: str):
+    """Bad input: one clear line on stderr and exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
+    def thunk():
+        if capture_video and idx == 0:
+            env = gym.make(env_id, render_mode="rgb_array")
+            env = gym.wrappers.RecordVideo(env, os.path.join(run_dir, "videos"), disable_logger=True)
+        else:
+            env = gym.make(env_id)
+        return gym.wrappers.RecordEpisodeStatistics(env)  # raw returns: scaling (10) happens outside
+
+    return thunk
+
+
+def check_env(env_id: str):
+    """Refuse an unknown id or a wrong action/observation space before anything starts."""
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as e:
+        fail(f"unknown env id {env_id!r} ({e}); try --env-id Hopper-v4")
+    act_space, obs_space = env.action_space, env.observation_space
+    env.close()
+    if isinstance(act_space, gym.spaces.Discrete):
+        fail(f"{env_id} has Discrete actions; ppo_continuous.py is for continuous (Box) actions: use algos/ppo.py")
+    if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
+        fail(f"{env_id} has {act_space} actions; ppo_continuous.py needs a flat Box action space")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        fail(f"{env_id} has observations {obs_space}; ppo_continuous.py needs flat vectors")
+
+
+def gae(rewards, values, terminations, truncations, gamma, gae_lambda):
+    """Advantages by GAE(λ), equations (3) and (4), on a [T, N] rollout.
+
+    values has T + 1 rows: V(s_0) .. V(s_T), the last being V(next_obs) after the rollout.
+    Row t + 1 after an episode end holds the final observation (NEXT_STEP autoreset), so
+    values[t + 1] is the truncation bootstrap. Rows that are reset steps get meaningless
+    entries; the caller drops them.
+    """
+    dones = np.logical_or(terminations, truncations)
+    advantages = np.zeros_like(rewards)
+    last = np.zeros_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + gamma * values[t + 1] * (1.0 - terminations[t]) - values[t]  # (3)
+        last = delta + gamma * gae_lambda * (1.0 - dones[t]) * last  # (4)
+        advantages[t] = last
+    return advantages
+
+
+def discounted_returns(rewards, dones, start, gamma):
+    """The running discounted return G of (10) on a [T, N] rollout: G_t = γ G_{t-1}(1 - d_{t-1}) + r_t,
+    with start = G_{-1}(1 - d_{-1}) carried over from the previous rollout (0 after an episode end)."""
+    returns = np.zeros(rewards.shape)
+    last = start
+    for t in range(len(rewards)):
+        last = returns[t] = gamma * last + rewards[t]
+        last = last * (1.0 - dones[t])
+    return returns
+
+
+def gaussian_log_prob(actions, mean, log_std):
+    """log π(a|s) of a diagonal Gaussian, equation (1), summed over the action dimensions."""
+    return (-0.5 * ((actions - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def merge_moments(mean, var, count, batch_mean, batch_var, batch_count):
+    """Equation (8): mean, variance and count of the union of the data summarised by
+    (mean, var, count) and a batch summarised by (batch_mean, batch_var, batch_count).
+    Variances are population variances (ddof 0)."""
+    delta = batch_mean - mean
+    total = count + batch_count
+    new_mean = mean + delta * batch_count / total
+    new_var = (var * count + batch_var * batch_count + delta**2 * count * batch_count / total) / total
+    return new_mean, new_var, total
+
+
+class RunningMeanStd:
+    """Running mean and variance of a stream of batches (rows are samples), by (8)."""
+
+    def __init__(self, shape=()):
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
+
+    def update(self, x):
+        if len(x):
+            self.mean, self.var, self.count = merge_moments(self.mean, self.var, self.count, x.mean(0), x.var(0), len(x))
+
+    def state_dict(self):
+        return {"mean": torch.as_tensor(self.mean), "var": torch.as_tensor(self.var), "count": torch.tensor(self.count)}
+
+    def load_state_dict(self, state):
+        self.mean, self.var, self.count = state["mean"].numpy(), state["var"].numpy(), state["count"].item()
+
+
+def normalize_obs(obs, rms: RunningMeanStd, clip: float):
+    """Equation (9), as float32 for the networks."""
+    return np.clip((obs - rms.mean) / np.sqrt(rms.var + 1e-8), -clip, clip).astype(np.float32)
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int):
+        super().__init__()
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 1), std=1.0),
+        )
+        self.actor_mean = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, act_dim), std=0.01),
+        )
+        self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))  # σ of (1), state-independent
+
+    def numpy_sampler(self):
+        """a ~ N(μ(s), σ²) as μ(s) + σε, ε ~ N(0, I), with a NumPy copy of the current weights,
+        taken once per rollout: on one observation torch's per-call overhead costs more than
+        the 64×64 MLP's arithmetic. The batched torch pass afterwards gives log π_old(a|s)."""
+        layers = [(m.weight.detach().cpu().numpy().T, m.bias.detach().cpu().numpy()) 
+                  for m in self.actor_mean if isinstance(m, nn.Linear)]
+        std = self.actor_logstd.detach().exp().cpu().numpy()
+
+        def sample(obs, noise):
+            for w, b in layers[:-1]:
+                obs = np.tanh(obs @ w + b)
+            return obs @ layers[-1][0] + layers[-1][1] + std * noise
+
+        return sample
+
+    def evaluate(self, obs, actions):
+        """log π(a|s) of (1) and V(s) for a batch."""
+        return gaussian_log_prob(actions, self.actor_mean(obs), self.actor_logstd), self.critic(obs).squeeze(-1)
+
+    def entropy(self):
+        """H(π(·|s)) of (1): the same for every s, as σ does not depend on the state."""
+        return (self.actor_logstd + 0.5 * (1.0 + math.log(2 * math.pi))).sum()
+
+
+def setup(args: Args, run_name: str):
+    """Seeding, device and logging shared by training and evaluation."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny networks: threads cost more than they give
+    run_dir = os.path.join("runs", run_name)
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs Weights & Biases: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    return device, run_dir, writer
+
+
+def evaluate(args: Args) -> dict:
+    """--eval-checkpoint: act with the mean action, observations normalised by the saved (frozen) statistics."""
+    if not os.path.isfile(args.eval_checkpoint):
+        fail(f"no checkpoint at {args.eval_checkpoint}")
+    try:
+        ckpt = torch.load(args.eval_checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot read {args.eval_checkpoint} as a checkpoint ({type(e).__name__})")
+    saved_by = ckpt.get("algorithm") if isinstance(ckpt, dict) else None
+    if saved_by != "ppo_continuous":
+        fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not ppo_continuous.py: evaluate it with the script that saved it")
+    saved = ckpt["args"]
+    args.env_id = saved["env_id"]
+    check_env(args.env_id)
+    if args.eval_episodes <= 0:
+        fail(f"--eval-episodes must be positive, got {args.eval_episodes}")
+    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
+    device, run_dir, writer = setup(args, run_name)
+    env = make_env(args.env_id, 0, args.capture_video, run_dir)()
+    env.action_space.seed(args.seed)
+    low, high = env.action_space.low, env.action_space.high
+    agent = Agent(env.observation_space.shape[0], env.action_space.shape[0]).to(device)
+    agent.load_state_dict(ckpt["model"])
+    obs_rms = RunningMeanStd(env.observation_space.shape)
+    obs_rms.load_state_dict(ckpt["obs_rms"])
+
+    def prepare(o):
+        return normalize_obs(o, obs_rms, saved["clip_obs"]) if saved["norm_obs"] else o.astype(np.float32)
+
+    returns = []
+    obs, _ = env.reset(seed=args.seed)
+    while len(returns) < args.eval_episodes:
+        with torch.inference_mode():
+            action = agent.actor_mean(torch.as_tensor(prepare(obs), device=device)).cpu().numpy()
+        obs, _, terminated, truncated, info = env.step(np.clip(action, low, high))
+        if terminated or truncated:
+            returns.append(float(info["episode"]["r"]))
+            writer.add_scalar("eval/episodic_return", returns[-1], len(returns))
+            obs, _ = env.reset()
+    env.close()
+    writer.close()
+    summary = dict(env_id=args.env_id, algorithm="ppo_continuous", mode="eval", seed=args.seed, checkpoint=args.eval_checkpoint,
+                   episodes=len(returns), mean_return=float(np.mean(returns)), std_return=float(np.std(returns)))
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"eval {args.env_id}: mean return {summary['mean_return']:.2f} ± {summary['std_return']:.2f} over {len(returns)} episodes")
+    return summary
+
+
+def train(args: Args) -> dict:
+    if args.eval_checkpoint:
+        return evaluate(args)
+    batch_size = args.num_envs * args.num_steps
+    if min(args.total_timesteps, args.num_envs, args.num_steps, args.num_minibatches, args.update_epochs) <= 0:
+        fail("--total-timesteps, --num-envs, --num-steps, --num-minibatches and --update-epochs must be positive")
+    if min(args.clip_obs, args.clip_reward) <= 0:
+        fail("--clip-obs and --clip-reward must be positive")
+    if batch_size % args.num_minibatches:
+        fail(f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} "
+             f"(num_envs {args.num_envs} × num_steps {args.num_steps}); pick a divisor of {batch_size}")
+    num_iterations = args.total_timesteps // batch_size
+    if num_iterations == 0:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size}; raise it or shrink the batch")
+    check_env(args.env_id)
+
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    device, run_dir, writer = setup(args, run_name)
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_dir) for i in range(args.num_envs)])
+    envs.action_space.seed(args.seed)
+    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    low, high = envs.single_action_space.low, envs.single_action_space.high  # the env's bounds, not ±1
+    agent = Agent(obs_dim, act_dim).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5,
+                                 fused=True if device.type in ("cpu", "cuda") else None)
+    rng = np.random.default_rng(args.seed)
+    obs_rms, return_rms = RunningMeanStd((obs_dim,)), RunningMeanStd()
+
+    def prepare(raw_obs):
+        """(9): update the statistics with this batch, then normalise it (float32 either way)."""
+        if not args.norm_obs:
+            return raw_obs.astype(np.float32)
+        obs_rms.update(raw_obs)
+        return normalize_obs(raw_obs, obs_rms, args.clip_obs)
+
+    # Rollout storage on the host (the envs live there); one copy to `device` per iteration.
+    T, N = args.num_steps, args.num_envs
+    obs = np.zeros((T, N, obs_dim), dtype=np.float32)  # normalised: exactly what the policy saw
+    actions = np.zeros((T, N, act_dim), dtype=np.float32)  # sampled, unclipped
+    rewards = np.zeros((T, N), dtype=np.float32)  # raw, then scaled by (10) after the rollout
+    terminations = np.zeros((T, N), dtype=np.float32)
+    truncations = np.zeros((T, N), dtype=np.float32)
+    resets = np.zeros((T, N), dtype=bool)  # row t is the reset step after an episode ended at t - 1
+    carried_return = np.zeros(N)  # G of (10) at the end of the last rollout, 0 where an episode ended
+
+    global_step, start_time = 0, time.time()
+    recent_returns = deque(maxlen=20)
+    episodes = 0
+    raw_obs, _ = envs.reset(seed=args.seed)
+    next_obs = prepare(raw_obs)
+    next_done = np.zeros(N, dtype=bool)
+    log_every = max(1, num_iterations // 20)
+    interrupted = False
+    try:
+        for iteration in range(1, num_iterations + 1):
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
+
+            sample = agent.numpy_sampler()
+            noise = rng.standard_normal((T, N, act_dim), dtype=np.float32)
+            for step in range(T):
+                obs[step], resets[step] = next_obs, next_done
+                actions[step] = sample(next_obs, noise[step])
+                raw_obs, rewards[step], term, trunc, infos = envs.step(np.clip(actions[step], low, high))
+                next_obs = prepare(raw_obs)
+                terminations[step], truncations[step] = term, trunc
+                next_done = term | trunc
+                global_step += N
+                if "episode" in infos:
+                    for i in np.flatnonzero(infos["_episode"]):
+                        r, length = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
+                        recent_returns.append(r)
+                        episodes += 1
+                        writer.add_scalar("charts/episodic_return", r, global_step)
+                        writer.add_scalar("charts/episodic_length", length, global_step)
+
+            if args.norm_reward:  # (10); a reset row has reward 0 and G = 0 and is left out of the statistics
+                dones = np.logical_or(terminations, truncations)
+                discounted = discounted_returns(rewards, dones, carried_return, args.gamma)
+                carried_return = discounted[-1] * (1.0 - dones[-1])
+                return_rms.update(discounted[~resets])
+                rewards[:] = np.clip(rewards / np.sqrt(return_rms.var + 1e-8), -args.clip_reward, args.clip_reward)
+
+            # One batched pass for V(s_0..s_T) and log π_old(a|s) of the whole rollout.
+            with torch.inference_mode():
+                all_obs = torch.as_tensor(np.concatenate([obs, next_obs[None]]), device=device)
+                b_obs = all_obs[:-1].reshape(-1, obs_dim)
+                b_actions = torch.as_tensor(actions, device=device).reshape(-1, act_dim)
+                b_logprobs = agent.evaluate(b_obs, b_actions)[0]
+                values = agent.critic(all_obs).squeeze(-1)
+            b_values = values[:-1].reshape(-1)
+            advantages = gae(rewards, values.cpu().numpy(), terminations, truncations, args.gamma, args.gae_lambda)
+            b_advantages = torch.as_tensor(advantages.reshape(-1), device=device)
+            b_returns = b_advantages + b_values  # (4)
+
+            valid = np.flatnonzero(~resets.reshape(-1))  # reset rows hold no transition
+            # One gather per epoch; its minibatches are then views.
+            b_data = torch.stack([b_logprobs, b_advantages, b_returns, b_values], 1)
+            log_ratios, approx_kls = [], []
+            for epoch in range(args.update_epochs):
+                perm = torch.as_tensor(rng.permutation(valid), device=device)
+                for mb_obs, mb_actions, mb_data in zip(b_obs[perm].tensor_split(args.num_minibatches),
+                                                       b_actions[perm].tensor_split(args.num_minibatches),
+                                                       b_data[perm].tensor_split(args.num_minibatches)):
+                    old_logprob, mb_adv, mb_returns, old_value = mb_data.unbind(1)
+                    new_logprob, new_value = agent.evaluate(mb_obs, mb_actions)
+                    log_ratio = new_logprob - old_logprob
+                    ratio = log_ratio.exp()  # (2)
+                    log_ratios.append(log_ratio.detach())
+
+                    if args.norm_adv:
+                        mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+                    pg_loss = -torch.min(mb_adv * ratio, mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()  # (5)
+
+                    v_loss_unclipped = (new_value - mb_returns) ** 2
+                    if args.clip_vloss:
+                        v_clipped = old_value + (new_value - old_value).clamp(-args.clip_coef, args.clip_coef)
+                        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - mb_returns) ** 2).mean()  # (6)
+                    else:
+                        v_loss = 0.5 * v_loss_unclipped.mean()
+                    loss = pg_loss + args.vf_coef * v_loss
+                    if args.ent_coef:
+                        loss = loss - args.ent_coef * agent.entropy()  # (7)
+
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+                    optimizer.step()
+                log_ratio = torch.cat(log_ratios[-args.num_minibatches:])
+                approx_kls.append(((log_ratio.exp() - 1) - log_ratio).mean())
+                if args.target_kl is not None and approx_kls[-1].item() > args.target_kl:
+                    break
+
+            y_pred, y_true = b_values[valid], b_returns[valid]
+            var_y = y_true.var()
+            explained_var = float("nan") if var_y == 0 else (1 - (y_true - y_pred).var() / var_y).item()
+            sps = int(global_step / (time.time() - start_time))
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+            writer.add_scalar("losses/entropy", agent.entropy().item(), global_step)
+            writer.add_scalar("losses/approx_kl", torch.stack(approx_kls).mean().item(), global_step)
+            clipfrac = ((torch.cat(log_ratios).exp() - 1).abs() > args.clip_coef).float().mean().item()
+            writer.add_scalar("losses/clipfrac", clipfrac, global_step)
+            writer.add_scalar("losses/explained_variance", explained_var, global_step)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            if iteration % log_every == 0 or iteration == num_iterations:
+                mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
+                print(f"step {global_step:>9,}  SPS {sps:>6,}  return(last 20) {mean_ret:8.2f}", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted at step {global_step:,}; closing logs", file=sys.stderr)
+
+    if args.save_model:
+        path = os.path.join(run_dir, "ppo_continuous.pt")
+        torch.save({"algorithm": "ppo_continuous", "args": asdict(args), "model": agent.state_dict(),
+                    "obs_rms": obs_rms.state_dict(), "return_rms": return_rms.state_dict()}, path)
+        print(f"model saved to {path}")
+    envs.close()
+    writer.close()
+    wall = time.time() - start_time
+    summary = dict(env_id=args.env_id, algorithm="ppo_continuous", exp_name=args.exp_name, seed=args.seed, global_step=global_step,
+                   wall_seconds=wall, SPS=global_step / wall,
+                   mean_return=float(np.mean(recent_returns)) if recent_returns else None,
+                   episodes_in_mean=len(recent_returns), episodes=episodes, interrupted=interrupted, run_dir=run_dir)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    train(tyro.cli(Args))

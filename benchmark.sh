@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Run scripts x tasks x seeds, then write benchmark/<profile>/results.md and learning curves.
+#
+#   ./benchmark.sh quick      every script on its learning-test task, 1 seed (under 30 min on 2 cores)
+#   ./benchmark.sh full       the standard tasks, 3 seeds, the budgets of the published results (hours)
+#   JOBS=2 ./benchmark.sh full   run two at a time (SPS figures then share the CPU)
+#
+# Runs go to benchmark/runs/<profile>/ (not committed); the report to benchmark/<profile>/.
+set -euo pipefail
+cd "$(dirname "$0")"
+profile="${1:-quick}"
+jobs="${JOBS:-1}"
+root="$PWD"
+runs="$root/benchmark/runs/$profile"
+mkdir -p "$runs"
+
+# one line per run: script  exp-name  arguments
+case "$profile" in
+quick)
+  seeds="1"
+  plan=$(cat <<'PLAN'
+reinforce.py       reinforce           --env-id CartPole-v1 --total-timesteps 300000
+reinforce.py       reinforce_baseline  --env-id CartPole-v1 --total-timesteps 300000 --baseline
+actor_critic.py    actor_critic        --env-id CartPole-v1
+a2c.py             a2c                 --env-id CartPole-v1
+ppo.py             ppo                 --env-id CartPole-v1
+ppo.py             ppo_cleanrl_settings --env-id CartPole-v1 --num-envs 4 --num-steps 128 --learning-rate 2.5e-4
+ppo_continuous.py  ppo_continuous      --env-id InvertedPendulum-v4 --total-timesteps 150000
+PLAN
+)
+  ;;
+full)
+  seeds="1 2 3"
+  plan=$(cat <<'PLAN'
+reinforce.py       reinforce           --env-id CartPole-v1 --total-timesteps 500000
+reinforce.py       reinforce_baseline  --env-id CartPole-v1 --total-timesteps 500000 --baseline
+actor_critic.py    actor_critic        --env-id CartPole-v1 --total-timesteps 500000
+a2c.py             a2c                 --env-id CartPole-v1
+a2c.py             a2c                 --env-id Acrobot-v1
+ppo.py             ppo                 --env-id CartPole-v1
+ppo.py             ppo                 --env-id Acrobot-v1
+ppo.py             ppo                 --env-id LunarLander-v3 --total-timesteps 1000000
+ppo_continuous.py  ppo_continuous      --env-id InvertedPendulum-v4 --total-timesteps 300000
+ppo_continuous.py  ppo_continuous      --env-id Hopper-v4 --total-timesteps 1000000
+PLAN
+)
+  ;;
+*) echo "usage: $0 quick|full" >&2; exit 2 ;;
+esac
+
+commands=()
+while read -r script name rest; do
+  [ -n "$script" ] || continue
+  for seed in $seeds; do
+    commands+=("cd '$runs' && python '$root/algos/$script' --exp-name $name --seed $seed $rest > '$runs/$name-$seed-$(echo "$rest" | tr -dc 'A-Za-z0-9' | head -c 40).log' 2>&1")
+  done
+done <<< "$plan"
+
+echo "$profile: ${#commands[@]} runs, $jobs at a time; logs and runs in $runs"
+printf '%s\n' "${commands[@]}" | xargs -P "$jobs" -I{} bash -c '{} || echo "failed: {}"'
+python benchmark/report.py --runs "$runs" --out "benchmark/$profile" --title "Benchmark: $profile profile ($(nproc) CPU cores, $(date -u +%Y-%m-%d))"

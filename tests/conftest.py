@@ -1,0 +1,35 @@
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALGOS_DIR = os.path.join(ROOT, "algos")
+ALGOS = sorted(f[:-3] for f in os.listdir(ALGOS_DIR) if f.endswith(".py"))
+_cache = {}
+
+
+def load(name: str):
+    """Import algos/<name>.py as a module (the scripts are files, not a package)."""
+    if name not in _cache:
+        spec = importlib.util.spec_from_file_location(f"algo_{name}", os.path.join(ALGOS_DIR, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        _cache[name] = module
+    return _cache[name]
+
+
+def run(name: str, **overrides) -> dict:
+    """train() of a script with its default Args plus overrides (on CPU)."""
+    module = load(name)
+    args = module.Args(cuda=False, **overrides)
+    return module.train(args)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    """Every test runs in its own directory, so runs/ lands there."""
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path

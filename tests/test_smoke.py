@@ -1,0 +1,122 @@
+"""Every script with a tiny budget on CPU: runs, writes summary.json, saves and evaluates a
+model, refuses bad input with one line and exit code 2, is deterministic, survives Ctrl-C."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import pytest
+
+from conftest import ALGOS_DIR, load, run
+
+TINY = {
+    "reinforce": dict(total_timesteps=1500),
+    "reinforce_baseline": dict(total_timesteps=1500, baseline=True),
+    "actor_critic": dict(total_timesteps=1600),
+    "a2c": dict(total_timesteps=2000),
+    "ppo": dict(total_timesteps=2048, num_envs=4, num_steps=64),
+    "ppo_continuous": dict(env_id="InvertedPendulum-v4", total_timesteps=1024, num_steps=256, num_minibatches=4, update_epochs=2),
+}
+SCRIPT = {case: case.replace("_baseline", "") for case in TINY}
+DISCRETE = ["reinforce", "actor_critic", "a2c", "ppo"]
+WRONG_SPACE = {name: ("Pendulum-v1", "ppo_continuous.py") for name in DISCRETE}
+WRONG_SPACE["ppo_continuous"] = ("CartPole-v1", "ppo.py")
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@pytest.mark.parametrize("case", TINY)
+def test_runs_and_writes_summary(case, in_tmp_dir):
+    summary = run(SCRIPT[case], **TINY[case])
+    with open(os.path.join(summary["run_dir"], "summary.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk == summary
+    assert summary["algorithm"] == SCRIPT[case]
+    for key in ["global_step", "wall_seconds", "SPS", "mean_return"]:
+        assert finite(summary[key]), (key, summary[key])
+    assert summary["global_step"] >= TINY[case]["total_timesteps"] * 0.5
+    assert 0 < summary["episodes_in_mean"] <= 20
+    assert not summary["interrupted"]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(summary["run_dir"]))
+
+
+@pytest.mark.parametrize("name", list(WRONG_SPACE))
+def test_save_and_evaluate(name, in_tmp_dir, capsys):
+    summary = run(name, save_model=True, **TINY[name])
+    path = os.path.join(summary["run_dir"], f"{name}.pt")
+    assert os.path.isfile(path)
+    result = run(name, eval_checkpoint=path, eval_episodes=2)
+    assert result["mode"] == "eval" and result["episodes"] == 2 and finite(result["mean_return"])
+    assert "mean return" in capsys.readouterr().out
+    other = "a2c" if name != "a2c" else "ppo"
+    with pytest.raises(SystemExit) as e:
+        run(other, eval_checkpoint=path)
+    assert e.value.code == 2
+
+
+def expect_refusal(name, capsys, must_mention, **overrides):
+    with pytest.raises(SystemExit) as e:
+        run(name, **overrides)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert must_mention in err[0], err[0]
+    assert not os.path.exists("runs"), "a refused run must not create runs/"
+
+
+@pytest.mark.parametrize("name", list(WRONG_SPACE))
+def test_bad_input(name, in_tmp_dir, capsys):
+    env_id, suggestion = WRONG_SPACE[name]
+    expect_refusal(name, capsys, suggestion, env_id=env_id)
+    expect_refusal(name, capsys, "NoSuchEnv-v0", env_id="NoSuchEnv-v0")
+    expect_refusal(name, capsys, "--total-timesteps", total_timesteps=0)
+    expect_refusal(name, capsys, "--total-timesteps", total_timesteps=-100)
+    if name.startswith("ppo"):
+        expect_refusal(name, capsys, "--num-minibatches", num_minibatches=3)
+
+
+def test_bad_input_from_the_command_line(in_tmp_dir):
+    out = subprocess.run([sys.executable, os.path.join(ALGOS_DIR, "ppo.py"), "--env-id", "Hopper-v4"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ppo_continuous.py" in lines[0], out.stderr
+    assert not os.path.exists("runs")
+
+
+@pytest.mark.parametrize("case", TINY)
+def test_same_seed_same_returns(case, in_tmp_dir):
+    a = run(SCRIPT[case], seed=3, **TINY[case])
+    b = run(SCRIPT[case], seed=3, **TINY[case])
+    c = run(SCRIPT[case], seed=4, **TINY[case])
+    assert (a["mean_return"], a["episodes"], a["global_step"]) == (b["mean_return"], b["episodes"], b["global_step"])
+    assert (a["mean_return"], a["episodes"]) != (c["mean_return"], c["episodes"])
+
+
+@pytest.mark.parametrize("name", list(WRONG_SPACE))
+def test_ctrl_c_saves_and_closes(name, in_tmp_dir, monkeypatch):
+    real_step, calls = gym.vector.SyncVectorEnv.step, [0]
+
+    def step(self, actions):
+        calls[0] += 1
+        if calls[0] == 300:
+            raise KeyboardInterrupt
+        return real_step(self, actions)
+
+    monkeypatch.setattr(gym.vector.SyncVectorEnv, "step", step)
+    budget = dict(TINY[name], total_timesteps=100_000)
+    summary = run(name, save_model=True, **budget)
+    assert summary["interrupted"] and summary["global_step"] < 100_000
+    assert os.path.isfile(os.path.join(summary["run_dir"], f"{name}.pt"))
+    assert os.path.isfile(os.path.join(summary["run_dir"], "summary.json"))
+
+
+def test_capture_video(in_tmp_dir):
+    summary = run("ppo", capture_video=True, **TINY["ppo"])
+    videos = os.path.join(summary["run_dir"], "videos")
+    assert any(f.endswith(".mp4") for f in os.listdir(videos))
