@@ -264,7 +264,7 @@ def train(args: Args) -> dict:
     episodes = 0
     next_obs, _ = envs.reset(seed=args.seed)
     obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
-    valid = torch.ones(N, dtype=torch.bool, device=device)  # False for a reset step
+    valid = torch.ones(N, device=device)  # 0 for a reset step
     log_every = max(1, num_iterations // 20)
     interrupted = False
     try:
@@ -284,15 +284,16 @@ def train(args: Args) -> dict:
             values = critic(torch.cat([obs, new_obs]))  # V(s_t), V(s_{t+1}) in one pass
             delta = td_error(torch.as_tensor(reward, dtype=torch.float32, device=device), values[:N],
                              values[N:].detach(), torch.as_tensor(term, dtype=torch.float32, device=device), args.gamma)
-            actor_loss = -(delta.detach() * log_prob)[valid].mean()  # (2)
-            critic_loss = 0.5 * (delta[valid] ** 2).mean()  # (3)
+            weight = valid / valid.sum().clamp(min=1)  # mean over the real transitions (all N may be reset steps)
+            actor_loss = -(weight * delta.detach() * log_prob).sum()  # (2)
+            critic_loss = 0.5 * (weight * delta ** 2).sum()  # (3)
             actor_optimizer.zero_grad(set_to_none=True)
             critic_optimizer.zero_grad(set_to_none=True)
             (actor_loss + critic_loss).backward()  # the two losses share no parameters
             actor_optimizer.step()
             critic_optimizer.step()
             obs = new_obs
-            valid = torch.as_tensor(~(term | trunc), device=device)
+            valid = torch.as_tensor(~(term | trunc), dtype=torch.float32, device=device)
 
             if iteration % 100 == 0 or iteration == num_iterations:  # losses every 100 updates: logging is not free
                 writer.add_scalar("losses/policy_loss", actor_loss.item(), global_step)

@@ -357,6 +357,8 @@ def train(args: Args) -> dict:
             log_ratios, approx_kls = [], []
             for epoch in range(args.update_epochs):
                 for mb in np.array_split(rng.permutation(valid), args.num_minibatches):
+                    if len(mb) == 0:  # only when reset rows leave fewer samples than minibatches
+                        continue
                     mb = torch.as_tensor(mb, device=device)
                     new_logprob, entropy, new_value = agent.evaluate(b_obs[mb], b_actions[mb])
                     log_ratio = new_logprob - b_logprobs[mb]
