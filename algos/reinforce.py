@@ -318,7 +318,7 @@ def train(args: Args) -> dict:
             returns = torch.as_tensor(returns, device=device)
             weights = returns - values[:-1].detach() if args.baseline else returns  # G_t - b(s_t)
             if args.gamma_t_weight:
-                weights = weights * args.gamma ** torch.arange(len(weights), device=device, dtype=torch.float32)[:, None]
+                weights = weights * args.gamma ** torch.arange(len(weights), device=device, dtype=torch.float32)[:, None]  # γ^t of (1)
             log_prob = policy.log_prob(all_obs[:-1][valid], torch.as_tensor(np.stack(actions), device=device)[valid])
             pg_loss = -(weights[valid] * log_prob).mean()  # (3), or (4) with the baseline
             optimizer.zero_grad(set_to_none=True)

@@ -71,7 +71,8 @@ def test_anatomy(name):
         assert required in names, f"{name}.py has no {required}"
     assert 'if __name__ == "__main__":' in text
     code = text[text.index('"""', 3) + 3:]
-    referenced = set(re.findall(r"# \((\d+)\)", code))
+    comments = [line.split("#", 1)[1] for line in code.splitlines() if "#" in line]
+    referenced = {n for c in comments for n in re.findall(r"\((\d+)\)", c)}
     assert tags == referenced, f"{name}.py: equations {sorted(tags - referenced)} have no line, lines cite {sorted(referenced - tags)}"
     args = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
     fields = [n.target.id for n in args.body if isinstance(n, ast.AnnAssign)]
