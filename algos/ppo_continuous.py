@@ -36,11 +36,10 @@ $$ L^{VF} = \tfrac12\mathbb{E}_t\left[\max\left((V_\phi(s_t) - \hat R_t)^2,\;
 Total loss (minimised), with entropy bonus H from (1):
 $$ L = -L^{CLIP} + c_1 L^{VF} - c_2 \mathbb{E}_t[H(\pi_\theta(\cdot|s_t))] \tag{7} $$
 
-Running statistics: mean μ, variance σ² and count n of everything seen so far, merged with
-a batch of n_B samples (mean μ_B, variance σ_B²) by the parallel algorithm of Chan,
-Golub, LeVeque (1979), with Δ = μ_B - μ and n' = n + n_B:
-$$ \mu' = \mu + \Delta\frac{n_B}{n'}, \qquad
-   \sigma'^2 = \frac{n\sigma^2 + n_B\sigma_B^2 + \Delta^2 n n_B / n'}{n'} \tag{8} $$
+Running statistics: mean μ, variance σ² and count n of everything seen so far, updated
+with a batch x_1..x_B at once (Welford's update, 1962, for a batch), with n' = n + B:
+$$ \mu' = \mu + \frac{1}{n'}\sum_i (x_i - \mu), \qquad
+   \sigma'^2 = \frac{1}{n'}\left(n\sigma^2 + \sum_i (x_i - \mu)(x_i - \mu')\right) \tag{8} $$
 
 Observation normalisation, with the running statistics of all observations seen:
 $$ \tilde s = \text{clip}\left(\frac{s - \mu_s}{\sqrt{\sigma_s^2 + 10^{-8}}}, -c_s, c_s\right) \tag{9} $$
@@ -50,10 +49,11 @@ accumulator per env, restarted at every episode end), not centred so the sign is
 $$ G_t = \gamma G_{t-1}(1 - d_{t-1}) + r_t, \qquad
    \tilde r_t = \text{clip}\left(\frac{r_t}{\sqrt{\text{Var}[G] + 10^{-8}}}, -c_r, c_r\right) \tag{10} $$
 
-Both statistics live in this script (not in per-env gymnasium wrappers): they are updated
-from the vector env's batches, saved with the model, and reused frozen by
---eval-checkpoint. `RecordEpisodeStatistics` sits inside, so the logged episodic returns
-are the raw, unscaled ones.
+Both statistics live in this script (not in per-env gymnasium wrappers). They are updated
+from the vector env's batches: the observations every step, before that step's batch is
+normalised; the returns G once per rollout, before the rollout's rewards are scaled. They
+are saved with the model and reused, frozen, by --eval-checkpoint. `RecordEpisodeStatistics`
+sits inside, so the logged episodic returns are the raw, unscaled ones.
 
 Actions: the sampled, unclipped a_t and its log-probability are stored and learned from;
 only the copy handed to `envs.step` is clipped to the action space's bounds.
@@ -67,7 +67,7 @@ exactly the bootstrap that (3) needs at a truncation.
 
 Run:
     python algos/ppo_continuous.py --env-id Hopper-v4
-    python algos/ppo_continuous.py --env-id InvertedPendulum-v4 --total-timesteps 150000
+    python algos/ppo_continuous.py --env-id InvertedPendulum-v4 --total-timesteps 100000
     python algos/ppo_continuous.py --help
 
 Defaults are CleanRL's continuous-control settings: 1 env × 2048 steps, lr 3e-4 annealed,
@@ -80,6 +80,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -182,9 +183,11 @@ def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
 def check_env(env_id: str):
     """Refuse an unknown id or a wrong action/observation space before anything starts."""
     try:
-        env = gym.make(env_id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # only a probe: the run itself shows gymnasium's warnings
+            env = gym.make(env_id)
     except gym.error.Error as e:
-        fail(f"unknown env id {env_id!r} ({e}); try --env-id Hopper-v4")
+        fail(f"cannot make env {env_id!r}: {e} (try --env-id Hopper-v4)")
     act_space, obs_space = env.action_space, env.observation_space
     env.close()
     if isinstance(act_space, gym.spaces.Discrete):
@@ -219,24 +222,23 @@ def discounted_returns(rewards, dones, start, gamma):
     returns = np.zeros(rewards.shape)
     last = start
     for t in range(len(rewards)):
-        last = returns[t] = gamma * last + rewards[t]
+        last = returns[t] = gamma * last + rewards[t]  # (10)
         last = last * (1.0 - dones[t])
     return returns
 
 
 def gaussian_log_prob(actions, mean, log_std):
     """log π(a|s) of a diagonal Gaussian, equation (1), summed over the action dimensions."""
-    return (-0.5 * ((actions - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+    return (-0.5 * ((actions - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)  # (1)
 
 
-def merge_moments(mean, var, count, batch_mean, batch_var, batch_count):
-    """Equation (8): mean, variance and count of the union of the data summarised by
-    (mean, var, count) and a batch summarised by (batch_mean, batch_var, batch_count).
-    Variances are population variances (ddof 0)."""
-    delta = batch_mean - mean
-    total = count + batch_count
-    new_mean = mean + delta * batch_count / total
-    new_var = (var * count + batch_var * batch_count + delta**2 * count * batch_count / total) / total
+def update_moments(mean, var, count, batch):
+    """Equation (8): the mean, variance (ddof 0) and count of everything summarised by
+    (mean, var, count) plus the rows of `batch`."""
+    delta = batch - mean
+    total = count + len(batch)
+    new_mean = mean + delta.sum(0) / total  # (8)
+    new_var = (var * count + (delta * (batch - new_mean)).sum(0)) / total  # (8)
     return new_mean, new_var, total
 
 
@@ -244,14 +246,14 @@ class RunningMeanStd:
     """Running mean and variance of a stream of batches (rows are samples), by (8)."""
 
     def __init__(self, shape=()):
-        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), 1e-4  # a faint prior N(0, 1)
 
-    def update(self, x):
-        if len(x):
-            self.mean, self.var, self.count = merge_moments(self.mean, self.var, self.count, x.mean(0), x.var(0), len(x))
+    def update(self, batch):
+        self.mean, self.var, self.count = update_moments(self.mean, self.var, self.count, batch)
 
     def state_dict(self):
-        return {"mean": torch.as_tensor(self.mean), "var": torch.as_tensor(self.var), "count": torch.tensor(self.count)}
+        return {"mean": torch.as_tensor(self.mean), "var": torch.as_tensor(self.var),
+                "count": torch.tensor(self.count, dtype=torch.float64)}
 
     def load_state_dict(self, state):
         self.mean, self.var, self.count = state["mean"].numpy(), state["var"].numpy(), state["count"].item()
@@ -259,7 +261,7 @@ class RunningMeanStd:
 
 def normalize_obs(obs, rms: RunningMeanStd, clip: float):
     """Equation (9), as float32 for the networks."""
-    return np.clip((obs - rms.mean) / np.sqrt(rms.var + 1e-8), -clip, clip).astype(np.float32)
+    return ((obs - rms.mean) / np.sqrt(rms.var + 1e-8)).clip(-clip, clip).astype(np.float32)  # (9)
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -287,8 +289,8 @@ class Agent(nn.Module):
         """a ~ N(μ(s), σ²) as μ(s) + σε, ε ~ N(0, I), with a NumPy copy of the current weights,
         taken once per rollout: on one observation torch's per-call overhead costs more than
         the 64×64 MLP's arithmetic. The batched torch pass afterwards gives log π_old(a|s)."""
-        layers = [(m.weight.detach().cpu().numpy().T, m.bias.detach().cpu().numpy()) 
-                  for m in self.actor_mean if isinstance(m, nn.Linear)]
+        linears = [m for m in self.actor_mean if isinstance(m, nn.Linear)]
+        layers = [(m.weight.detach().cpu().numpy().T, m.bias.detach().cpu().numpy()) for m in linears]
         std = self.actor_logstd.detach().exp().cpu().numpy()
 
         def sample(obs, noise):
@@ -304,7 +306,7 @@ class Agent(nn.Module):
 
     def entropy(self):
         """H(π(·|s)) of (1): the same for every s, as σ does not depend on the state."""
-        return (self.actor_logstd + 0.5 * (1.0 + math.log(2 * math.pi))).sum()
+        return (self.actor_logstd + 0.5 * (1.0 + math.log(2 * math.pi))).sum()  # (1)
 
 
 def setup(args: Args, run_name: str):
@@ -348,7 +350,6 @@ def evaluate(args: Args) -> dict:
     run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
     device, run_dir, writer = setup(args, run_name)
     env = make_env(args.env_id, 0, args.capture_video, run_dir)()
-    env.action_space.seed(args.seed)
     low, high = env.action_space.low, env.action_space.high
     agent = Agent(env.observation_space.shape[0], env.action_space.shape[0]).to(device)
     agent.load_state_dict(ckpt["model"])
@@ -401,7 +402,8 @@ def train(args: Args) -> dict:
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     low, high = envs.single_action_space.low, envs.single_action_space.high  # the env's bounds, not ±1
     agent = Agent(obs_dim, act_dim).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5,
+    params = list(agent.parameters())  # listed once: agent.parameters() walks the modules on every call
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5,
                                  fused=True if device.type in ("cpu", "cuda") else None)
     rng = np.random.default_rng(args.seed)
     obs_rms, return_rms = RunningMeanStd((obs_dim,)), RunningMeanStd()
@@ -441,7 +443,7 @@ def train(args: Args) -> dict:
             for step in range(T):
                 obs[step], resets[step] = next_obs, next_done
                 actions[step] = sample(next_obs, noise[step])
-                raw_obs, rewards[step], term, trunc, infos = envs.step(np.clip(actions[step], low, high))
+                raw_obs, rewards[step], term, trunc, infos = envs.step(actions[step].clip(low, high))
                 next_obs = prepare(raw_obs)
                 terminations[step], truncations[step] = term, trunc
                 next_done = term | trunc
@@ -454,12 +456,12 @@ def train(args: Args) -> dict:
                         writer.add_scalar("charts/episodic_return", r, global_step)
                         writer.add_scalar("charts/episodic_length", length, global_step)
 
-            if args.norm_reward:  # (10); a reset row has reward 0 and G = 0 and is left out of the statistics
+            if args.norm_reward:  # a reset row has reward 0 and G = 0: left out of the statistics
                 dones = np.logical_or(terminations, truncations)
                 discounted = discounted_returns(rewards, dones, carried_return, args.gamma)
                 carried_return = discounted[-1] * (1.0 - dones[-1])
                 return_rms.update(discounted[~resets])
-                rewards[:] = np.clip(rewards / np.sqrt(return_rms.var + 1e-8), -args.clip_reward, args.clip_reward)
+                rewards[:] = np.clip(rewards / np.sqrt(return_rms.var + 1e-8), -args.clip_reward, args.clip_reward)  # (10)
 
             # One batched pass for V(s_0..s_T) and log π_old(a|s) of the whole rollout.
             with torch.inference_mode():
@@ -482,6 +484,8 @@ def train(args: Args) -> dict:
                 for mb_obs, mb_actions, mb_data in zip(b_obs[perm].tensor_split(args.num_minibatches),
                                                        b_actions[perm].tensor_split(args.num_minibatches),
                                                        b_data[perm].tensor_split(args.num_minibatches)):
+                    if len(mb_data) == 0:  # only when reset rows leave fewer samples than minibatches
+                        continue
                     old_logprob, mb_adv, mb_returns, old_value = mb_data.unbind(1)
                     new_logprob, new_value = agent.evaluate(mb_obs, mb_actions)
                     log_ratio = new_logprob - old_logprob
@@ -498,13 +502,13 @@ def train(args: Args) -> dict:
                         v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - mb_returns) ** 2).mean()  # (6)
                     else:
                         v_loss = 0.5 * v_loss_unclipped.mean()
-                    loss = pg_loss + args.vf_coef * v_loss
-                    if args.ent_coef:
+                    loss = pg_loss + args.vf_coef * v_loss  # (7)
+                    if args.ent_coef:  # H does not depend on s: one term, not a batch mean
                         loss = loss - args.ent_coef * agent.entropy()  # (7)
 
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+                    nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
                     optimizer.step()
                 log_ratio = torch.cat(log_ratios[-args.num_minibatches:])
                 approx_kls.append(((log_ratio.exp() - 1) - log_ratio).mean())
