@@ -157,6 +157,32 @@ def nstep_returns(rewards, values, terminations, truncations, gamma):
     return returns
 
 
+def numpy_mlp(net: nn.Sequential):
+    """A NumPy copy of an MLP of Linear and Tanh layers, with its current weights.
+
+    Used to act one step at a time during a rollout: on a handful of observations torch's
+    per-call overhead costs more than the arithmetic. It is taken once per rollout, when the
+    weights stop changing; the log-probabilities that the loss needs still come from one
+    batched torch pass over the rollout afterwards.
+    """
+    layers = []
+    for m in net:
+        if isinstance(m, nn.Linear):
+            w, b = m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()
+            layers.append(lambda x, w=w, b=b: x @ w + b)
+        elif isinstance(m, nn.Tanh):
+            layers.append(np.tanh)
+        else:
+            raise NotImplementedError(f"numpy_mlp knows Linear and Tanh layers, not {m}")
+
+    def forward(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    return forward
+
+
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias_const)
@@ -176,12 +202,6 @@ class Agent(nn.Module):
             layer_init(nn.Linear(64, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, n_actions), std=0.01),
         )
-
-    def act(self, obs):
-        """Sample a ~ π(·|s) by the Gumbel-max trick: argmax(logits + Gumbel noise), and
-        -log(E) with E ~ Exp(1) is Gumbel(0, 1). Same distribution as a Categorical, fewer ops."""
-        logits = self.actor(obs)
-        return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
 
     def log_prob_entropy(self, obs, actions):
         """log π(a|s) and the entropy H(π(·|s)) for a batch."""
@@ -266,10 +286,11 @@ def train(args: Args) -> dict:
     device, run_dir, writer = setup(args, run_name)
     envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_dir) for i in range(args.num_envs)])
     envs.action_space.seed(args.seed)
-    obs_dim = envs.single_observation_space.shape[0]
-    agent = Agent(obs_dim, envs.single_action_space.n).to(device)
+    obs_dim, n_actions = envs.single_observation_space.shape[0], envs.single_action_space.n
+    agent = Agent(obs_dim, n_actions).to(device)
     optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=args.rmsprop_alpha,
                                     eps=args.rmsprop_eps, foreach=True)
+    rng = np.random.default_rng(args.seed)
 
     # Rollout storage on the host (the envs live there); one copy to `device` per update.
     T, N = args.num_steps, args.num_envs
@@ -292,11 +313,13 @@ def train(args: Args) -> dict:
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
 
+            # a ~ π(·|s) by the Gumbel-max trick: argmax(logits + g), g ~ Gumbel(0, 1), is a
+            # sample of the softmax distribution; noise from the seeded generator.
+            logits_fn = numpy_mlp(agent.actor)
+            gumbel = rng.gumbel(size=(T, N, n_actions)).astype(np.float32)
             for step in range(T):
                 obs[step], resets[step] = next_obs, next_done
-                with torch.inference_mode():
-                    action = agent.act(torch.as_tensor(next_obs, dtype=torch.float32, device=device))
-                actions[step] = action.cpu().numpy()
+                actions[step] = (logits_fn(next_obs) + gumbel[step]).argmax(-1)
                 next_obs, rewards[step], term, trunc, infos = envs.step(actions[step])
                 terminations[step], truncations[step] = term, trunc
                 next_done = term | trunc

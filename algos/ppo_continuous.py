@@ -264,6 +264,32 @@ def normalize_obs(obs, rms: RunningMeanStd, clip: float):
     return ((obs - rms.mean) / np.sqrt(rms.var + 1e-8)).clip(-clip, clip).astype(np.float32)  # (9)
 
 
+def numpy_mlp(net: nn.Sequential):
+    """A NumPy copy of an MLP of Linear and Tanh layers, with its current weights.
+
+    Used to act one step at a time during a rollout: on a handful of observations torch's
+    per-call overhead costs more than the arithmetic. It is taken once per rollout, when the
+    weights stop changing; the log-probabilities that the loss needs still come from one
+    batched torch pass over the rollout afterwards.
+    """
+    layers = []
+    for m in net:
+        if isinstance(m, nn.Linear):
+            w, b = m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()
+            layers.append(lambda x, w=w, b=b: x @ w + b)
+        elif isinstance(m, nn.Tanh):
+            layers.append(np.tanh)
+        else:
+            raise NotImplementedError(f"numpy_mlp knows Linear and Tanh layers, not {m}")
+
+    def forward(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    return forward
+
+
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias_const)
@@ -284,21 +310,6 @@ class Agent(nn.Module):
             layer_init(nn.Linear(64, act_dim), std=0.01),
         )
         self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))  # σ of (1), state-independent
-
-    def numpy_sampler(self):
-        """a ~ N(μ(s), σ²) as μ(s) + σε, ε ~ N(0, I), with a NumPy copy of the current weights,
-        taken once per rollout: on one observation torch's per-call overhead costs more than
-        the 64×64 MLP's arithmetic. The batched torch pass afterwards gives log π_old(a|s)."""
-        linears = [m for m in self.actor_mean if isinstance(m, nn.Linear)]
-        layers = [(m.weight.detach().cpu().numpy().T, m.bias.detach().cpu().numpy()) for m in linears]
-        std = self.actor_logstd.detach().exp().cpu().numpy()
-
-        def sample(obs, noise):
-            for w, b in layers[:-1]:
-                obs = np.tanh(obs @ w + b)
-            return obs @ layers[-1][0] + layers[-1][1] + std * noise
-
-        return sample
 
     def evaluate(self, obs, actions):
         """log π(a|s) of (1) and V(s) for a batch."""
@@ -438,11 +449,12 @@ def train(args: Args) -> dict:
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
 
-            sample = agent.numpy_sampler()
+            # a ~ N(μ(s), σ²) as μ(s) + σε, ε ~ N(0, I) from the seeded generator
+            mean_fn, std = numpy_mlp(agent.actor_mean), agent.actor_logstd.detach().exp().cpu().numpy()
             noise = rng.standard_normal((T, N, act_dim), dtype=np.float32)
             for step in range(T):
                 obs[step], resets[step] = next_obs, next_done
-                actions[step] = sample(next_obs, noise[step])
+                actions[step] = mean_fn(next_obs) + std * noise[step]
                 raw_obs, rewards[step], term, trunc, infos = envs.step(actions[step].clip(low, high))
                 next_obs = prepare(raw_obs)
                 terminations[step], truncations[step] = term, trunc

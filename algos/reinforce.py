@@ -161,6 +161,32 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
+def numpy_mlp(net: nn.Sequential):
+    """A NumPy copy of an MLP of Linear and Tanh layers, with its current weights.
+
+    Used to act one step at a time during a rollout: on a handful of observations torch's
+    per-call overhead costs more than the arithmetic. It is taken once per rollout, when the
+    weights stop changing; the log-probabilities that the loss needs still come from one
+    batched torch pass over the rollout afterwards.
+    """
+    layers = []
+    for m in net:
+        if isinstance(m, nn.Linear):
+            w, b = m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy()
+            layers.append(lambda x, w=w, b=b: x @ w + b)
+        elif isinstance(m, nn.Tanh):
+            layers.append(np.tanh)
+        else:
+            raise NotImplementedError(f"numpy_mlp knows Linear and Tanh layers, not {m}")
+
+    def forward(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    return forward
+
+
 def mlp(obs_dim: int, out_dim: int, out_std: float):
     return nn.Sequential(
         layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
@@ -175,12 +201,6 @@ class Policy(nn.Module):
     def __init__(self, obs_dim: int, n_actions: int):
         super().__init__()
         self.logits = mlp(obs_dim, n_actions, out_std=0.01)
-
-    def act(self, obs):
-        """Sample a ~ π(·|s) by the Gumbel-max trick: argmax(logits + Gumbel noise), and
-        -log(E) with E ~ Exp(1) is Gumbel(0, 1). Same distribution as a Categorical, fewer ops."""
-        logits = self.logits(obs)
-        return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
 
     def log_prob(self, obs, actions):
         return self.logits(obs).log_softmax(-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
@@ -270,8 +290,9 @@ def train(args: Args) -> dict:
     device, run_dir, writer = setup(args, run_name)
     envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_dir) for i in range(args.num_envs)])
     envs.action_space.seed(args.seed)
-    obs_dim, N = envs.single_observation_space.shape[0], args.num_envs
-    policy = Policy(obs_dim, envs.single_action_space.n).to(device)
+    obs_dim, n_actions, N = envs.single_observation_space.shape[0], envs.single_action_space.n, args.num_envs
+    policy = Policy(obs_dim, n_actions).to(device)
+    rng = np.random.default_rng(args.seed)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
     if args.baseline:
         baseline = Baseline(obs_dim).to(device)
@@ -291,11 +312,12 @@ def train(args: Args) -> dict:
                 next_obs, _ = envs.reset()
             obs, actions, rewards, terminations, truncations, alive_rows = [], [], [], [], [], []
             alive = np.ones(N, dtype=bool)
+            logits_fn = numpy_mlp(policy.logits)
             while alive.any():
                 obs.append(next_obs)
                 alive_rows.append(alive.copy())
-                with torch.inference_mode():
-                    action = policy.act(torch.as_tensor(next_obs, dtype=torch.float32, device=device)).cpu().numpy()
+                # a ~ π(·|s) by the Gumbel-max trick: argmax(logits + g), g ~ Gumbel(0, 1)
+                action = (logits_fn(next_obs) + rng.gumbel(size=(N, n_actions))).argmax(-1)
                 next_obs, reward, term, trunc, infos = envs.step(action)
                 actions.append(action), rewards.append(reward), terminations.append(term), truncations.append(trunc)
                 global_step += int(alive.sum())

@@ -138,3 +138,32 @@ def test_td_error():
     np.testing.assert_allclose(ac.td_error(r, v, v2, term, GAMMA), expected)
     as_t = [torch.as_tensor(x) for x in (r, v, v2, term)]
     np.testing.assert_allclose(ac.td_error(*as_t, GAMMA).numpy(), expected)
+
+
+ACTORS = {"ppo": lambda m: m.Agent(5, 3).actor, "a2c": lambda m: m.Agent(5, 3).actor,
+          "reinforce": lambda m: m.Policy(5, 3).logits, "ppo_continuous": lambda m: m.Agent(5, 3).actor_mean}
+
+
+@pytest.mark.parametrize("name", ACTORS)
+def test_numpy_copy_of_the_actor_matches_torch(name):
+    module = load(name)
+    torch.manual_seed(0)
+    net = ACTORS[name](module)
+    for p in net.parameters():  # away from the tiny output init, so a wrong layer shows
+        torch.nn.init.normal_(p)
+    x = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
+    with torch.no_grad():
+        expected = net(torch.as_tensor(x)).numpy()
+    np.testing.assert_allclose(module.numpy_mlp(net)(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError):
+        module.numpy_mlp(torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.ReLU()))
+
+
+def test_gumbel_max_samples_the_softmax():
+    """argmax(logits + Gumbel noise) ~ softmax(logits): frequencies within 5 standard errors."""
+    rng = np.random.default_rng(0)
+    logits = np.array([1.0, -0.5, 0.3, 2.0])
+    n = 200_000
+    counts = np.bincount((logits + rng.gumbel(size=(n, 4))).argmax(-1), minlength=4)
+    p = np.exp(logits) / np.exp(logits).sum()
+    assert np.all(np.abs(counts / n - p) < 5 * np.sqrt(p * (1 - p) / n))
