@@ -4,6 +4,7 @@
 #   ./benchmark.sh quick      every script on its learning-test task, 1 seed (under 30 min on 2 cores)
 #   ./benchmark.sh full       the standard tasks, 3 seeds, the budgets of the published results (hours)
 #   JOBS=2 ./benchmark.sh full   run two at a time (SPS figures then share the CPU)
+#   ONLY=Hopper ./benchmark.sh full   only the plan lines that match this regular expression
 #
 # Runs go to benchmark/runs/<profile>/ (not committed); the report to benchmark/<profile>/.
 set -euo pipefail
@@ -51,6 +52,7 @@ esac
 commands=()
 while read -r script name rest; do
   [ -n "$script" ] || continue
+  [[ "$script $name $rest" =~ ${ONLY:-.} ]] || continue
   for seed in $seeds; do
     commands+=("cd '$runs' && python '$root/algos/$script' --exp-name $name --seed $seed $rest > '$runs/$name-$seed-$(echo "$rest" | tr -dc 'A-Za-z0-9' | head -c 40).log' 2>&1")
   done

@@ -78,8 +78,10 @@ def test_anatomy(name):
     fields = [n.target.id for n in args.body if isinstance(n, ast.AnnAssign)]
     for shared in ["exp_name", "seed", "torch_deterministic", "cuda", "track", "wandb_project_name", "wandb_entity",
                    "capture_video", "save_model", "eval_checkpoint", "eval_episodes", "env_id", "total_timesteps",
-                   "learning_rate", "num_envs", "gamma"]:
+                   "num_envs", "gamma"]:
         assert shared in fields, f"{name}.py: Args has no {shared}"
+    # one learning rate, or CleanRL's pair for actor-critic methods with two optimisers
+    assert "learning_rate" in fields or {"policy_lr", "q_lr"} <= set(fields), f"{name}.py: Args has no learning rate"
     # every field has a docstring right after it (tyro shows it in --help)
     for i, node in enumerate(args.body):
         if isinstance(node, ast.AnnAssign):
