@@ -110,12 +110,23 @@ def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
     return thunk
 
 
-def check_env(env_id: str):
-    """Refuse an unknown id or a wrong action/observation space before anything starts."""
+def check_env(env_id: str, capture_video: bool = False):
+    """Refuse an unknown id, a wrong action/observation space or an env that cannot render
+    (with --capture-video) before anything starts."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # only a probe: the run itself shows gymnasium's warnings
             env = gym.make(env_id)
+            if capture_video:
+                try:
+                    probe = gym.make(env_id, render_mode="rgb_array")
+                    probe.reset(seed=0)
+                    probe.render()
+                    probe.close()
+                except Exception as e:
+                    first_line = (str(e).splitlines() or [""])[0]
+                    fail(f"--capture-video cannot render {env_id} ({type(e).__name__}: {first_line}); "
+                         "without a display, MuJoCo needs MUJOCO_GL=egl or MUJOCO_GL=osmesa")
     except gym.error.Error as e:
         fail(f"cannot make env {env_id!r}: {e} (try --env-id CartPole-v1)")
     act_space, obs_space = env.action_space, env.observation_space
@@ -211,7 +222,7 @@ def evaluate(args: Args) -> dict:
     if saved_by != "actor_critic":
         fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not actor_critic.py: evaluate it with the script that saved it")
     args.env_id = ckpt["args"]["env_id"]
-    check_env(args.env_id)
+    check_env(args.env_id, args.capture_video)
     if args.eval_episodes <= 0:
         fail(f"--eval-episodes must be positive, got {args.eval_episodes}")
     run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
@@ -247,7 +258,7 @@ def train(args: Args) -> dict:
     num_iterations = args.total_timesteps // args.num_envs
     if num_iterations == 0:
         fail(f"--total-timesteps {args.total_timesteps} is less than one step of {args.num_envs} envs")
-    check_env(args.env_id)
+    check_env(args.env_id, args.capture_video)
 
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     device, run_dir, writer = setup(args, run_name)

@@ -120,3 +120,16 @@ def test_capture_video(in_tmp_dir):
     summary = run("ppo", capture_video=True, **TINY["ppo"])
     videos = os.path.join(summary["run_dir"], "videos")
     assert any(f.endswith(".mp4") for f in os.listdir(videos))
+
+
+def test_capture_video_mujoco_renders_or_refuses_cleanly(in_tmp_dir, capsys):
+    """Headless MuJoCo rendering needs MUJOCO_GL: a clear one-line refusal, never a traceback."""
+    try:
+        summary = run("ppo_continuous", capture_video=True, **TINY["ppo_continuous"])
+    except SystemExit as e:
+        assert e.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "MUJOCO_GL" in err[0], err
+        assert not os.path.exists("runs")
+    else:
+        assert any(f.endswith(".mp4") for f in os.listdir(os.path.join(summary["run_dir"], "videos")))
