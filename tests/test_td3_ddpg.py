@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from conftest import load, run
 
-SCRIPTS = ["td3"]
+SCRIPTS = ["td3", "ddpg"]
 TINY = dict(total_timesteps=600, learning_starts=200)
 
 
@@ -59,6 +59,37 @@ def test_smoothed_target_action_clips_noise_and_bounds():
     assert ((out - mu).abs() <= noise_clip * scale + 1e-6).all()
     assert (noise.abs() > noise_clip * scale).any()  # the noise clip was exercised
     assert ((mu + noise < low) | (mu + noise > high)).any()  # and the bounds
+
+
+def test_ddpg_target_matches_loop():
+    ddpg = load("ddpg")
+    g = torch.Generator().manual_seed(2)
+    B, gamma = 64, 0.9
+    rewards, next_q = torch.randn(B, generator=g), torch.randn(B, generator=g)
+    terminations = (torch.rand(B, generator=g) < 0.3).float()
+    y = ddpg.ddpg_target(rewards, terminations, next_q, gamma)
+    for i in range(B):
+        expected = rewards[i].item() + (0.0 if terminations[i] else gamma * next_q[i].item())
+        assert y[i].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_ddpg_actor_gradient_is_the_deterministic_policy_gradient():
+    """-Q(s, μ(s)) with the critic frozen: the actor's gradient is ∇_a Q · ∇_θ μ, (6); the
+    critic gets none."""
+    ddpg = load("ddpg")
+    torch.manual_seed(0)
+    actor = ddpg.Actor(3, 2, np.array([-1.0, 0.0], dtype=np.float32), np.array([3.0, 0.5], dtype=np.float32))
+    critic = ddpg.QNetwork(3, 2)
+    obs = torch.randn(8, 3)
+    (-critic(obs, actor(obs), frozen=True).mean()).backward()
+    assert all(p.grad is None for p in critic.parameters())
+    a = actor(obs).detach().requires_grad_(True)
+    (grad_a,) = torch.autograd.grad(-critic(obs, a).mean(), a)
+    expected = torch.autograd.grad((actor(obs) * grad_a).sum(), list(actor.parameters()))
+    for p, e in zip(actor.parameters(), expected):
+        assert torch.allclose(p.grad, e, atol=1e-6)
+    mu = actor(obs)
+    assert ((mu >= torch.tensor([-1.0, 0.0])) & (mu <= torch.tensor([3.0, 0.5]))).all()
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -187,6 +218,7 @@ def test_ctrl_c_saves_and_closes(name, monkeypatch):
 LEARNING = {
     # script: (overrides, threshold)
     "td3": (dict(total_timesteps=16_000), -200.0),
+    "ddpg": (dict(total_timesteps=16_000), -250.0),
 }
 
 
