@@ -179,6 +179,7 @@ def test_bad_input(in_tmp_dir, capsys):
     expect_refusal(capsys, "--learning-starts", total_timesteps=1000, learning_starts=5000)
     expect_refusal(capsys, "--total-timesteps", total_timesteps=0)
     expect_refusal(capsys, "--total-timesteps", total_timesteps=-100)
+    expect_refusal(capsys, "--torch-threads", torch_threads=0, **TINY)
 
 
 def test_bad_input_from_the_command_line(in_tmp_dir):
