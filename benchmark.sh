@@ -3,6 +3,7 @@
 #
 #   ./benchmark.sh quick      every script on its learning-test task, 1 seed (under 30 min on 2 cores)
 #   ./benchmark.sh full       the standard tasks, 3 seeds, the budgets of the published results (hours)
+#   ./benchmark.sh offpolicy  the off-policy scripts on Hopper-v4, 200k steps, 1 seed (a CPU-sized slice of `full`)
 #   JOBS=2 ./benchmark.sh full   run two at a time (SPS figures then share the CPU)
 #   ONLY=Hopper ./benchmark.sh full   only the plan lines that match this regular expression
 #
@@ -43,10 +44,24 @@ ppo.py             ppo                 --env-id Acrobot-v1
 ppo.py             ppo                 --env-id LunarLander-v3 --total-timesteps 1000000
 ppo_continuous.py  ppo_continuous      --env-id InvertedPendulum-v4 --total-timesteps 300000
 ppo_continuous.py  ppo_continuous      --env-id Hopper-v4 --total-timesteps 1000000
+ddpg.py            ddpg                --env-id Hopper-v4 --total-timesteps 1000000 --learning-starts 25000
+td3.py             td3                 --env-id Hopper-v4 --total-timesteps 1000000 --learning-starts 25000
+sac.py             sac                 --env-id Hopper-v4 --total-timesteps 1000000
+d4pg.py            d4pg                --env-id Hopper-v4 --total-timesteps 1000000 --learning-starts 25000
 PLAN
 )
   ;;
-*) echo "usage: $0 quick|full" >&2; exit 2 ;;
+offpolicy)
+  seeds="1"
+  plan=$(cat <<'PLAN'
+ddpg.py            ddpg                --env-id Hopper-v4 --total-timesteps 200000 --learning-starts 25000
+td3.py             td3                 --env-id Hopper-v4 --total-timesteps 200000 --learning-starts 25000
+sac.py             sac                 --env-id Hopper-v4 --total-timesteps 200000
+d4pg.py            d4pg                --env-id Hopper-v4 --total-timesteps 200000 --learning-starts 25000
+PLAN
+)
+  ;;
+*) echo "usage: $0 quick|full|offpolicy" >&2; exit 2 ;;
 esac
 
 commands=()
