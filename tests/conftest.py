@@ -10,10 +10,15 @@ ALGOS = sorted(f[:-3] for f in os.listdir(ALGOS_DIR) if f.endswith(".py"))
 _cache = {}
 
 
+# algos/ on the path, so that the processes a script spawns (d4pg's actors) can import it
+# by name: multiprocessing's spawn hands sys.path to the child.
+sys.path.insert(0, ALGOS_DIR)
+
+
 def load(name: str):
-    """Import algos/<name>.py as a module (the scripts are files, not a package)."""
+    """Import algos/<name>.py as the module `name` (the scripts are files, not a package)."""
     if name not in _cache:
-        spec = importlib.util.spec_from_file_location(f"algo_{name}", os.path.join(ALGOS_DIR, f"{name}.py"))
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ALGOS_DIR, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)

@@ -1,0 +1,631 @@
+r"""D4PG: Distributed Distributional Deep Deterministic Policy Gradient, continuous actions.
+
+Barth-Maron, Hoffman, Budden, Dabney, Horgan, TB, Muldal, Heess, Lillicrap (2018),
+"Distributed Distributional Deterministic Policy Gradients", arXiv:1804.08617. DDPG
+(Lillicrap et al. 2015, arXiv:1509.02971) with four changes: a categorical distributional
+critic (Bellemare, Dabney, Munos 2017, arXiv:1707.06887), N-step returns, prioritised replay
+(Schaul et al. 2015, arXiv:1511.05952) and K actor processes that act in parallel with the
+learner and feed one replay.
+
+Deterministic actor, tanh output scaled to the env's bounds (never assumed to be ±1),
+explored with Gaussian noise in units of the action scale:
+$$ \mu_\theta(s) = \text{scale} \odot \tanh(f_\theta(s)) + \text{bias}, \qquad
+   a_t = \text{clip}(\mu_\theta(s_t) + \epsilon, \text{low}, \text{high}),\;
+   \epsilon \sim \mathcal N(0, (\sigma\,\text{scale})^2) \tag{1} $$
+
+Distributional critic: the return Z(s, a) is a categorical distribution on a fixed support
+of `num_atoms` atoms from v_min to v_max, with probabilities p_i = softmax of the critic's
+logits; its mean is the Q-value:
+$$ z_i = v_{min} + i\,\Delta z, \quad \Delta z = \frac{v_{max} - v_{min}}{N_{atoms} - 1}, \qquad
+   Q_\phi(s, a) = \sum_i z_i\, p_i(s, a) \tag{2} $$
+
+N-step transitions: from s_t, the discounted sum of up to N rewards and the discount of
+the bootstrap, zero when the episode terminates inside the window (k ≤ N steps reach its
+end or the window's); a truncation keeps γ^k and bootstraps from the final observation:
+$$ R_t = \sum_{j=0}^{k-1} \gamma^j r_{t+j}, \qquad
+   \gamma_t = \begin{cases} 0 & \text{terminated at } t+k \\ \gamma^k & \text{otherwise} \end{cases} \tag{3} $$
+
+Target distribution: the target networks' Z'(s_{t+k}, μ'(s_{t+k})) with every atom moved to
+R_t + γ_t z_j, projected back onto the support (each moved atom's mass split between its
+two neighbouring atoms, linearly; atoms beyond v_min or v_max land on the end atoms):
+$$ (\Phi \mathcal T Z')_i = \sum_j \left[1 - \frac{\left|[R_t + \gamma_t z_j]_{v_{min}}^{v_{max}} - z_i\right|}{\Delta z}\right]_0^1
+   p'_j(s_{t+k}, \mu_{\theta'}(s_{t+k})) \tag{4} $$
+
+Critic loss: the cross-entropy of the critic's distribution against the projected target
+(its KL up to a constant), weighted by the importance weights w of prioritised replay:
+$$ L(\phi) = \mathbb E_{i \sim P}\left[ w_i \cdot \left(-\sum_k (\Phi \mathcal T Z')_k \log p_k(s_i, a_i)\right)\right] \tag{5} $$
+
+Actor: the deterministic policy gradient through the critic's mean (2), critic held fixed:
+$$ \nabla_\theta J = \mathbb E_s\left[\nabla_a Q_\phi(s, a)|_{a=\mu_\theta(s)} \nabla_\theta \mu_\theta(s)\right], \quad
+   Q_\phi(s, a) = \textstyle\sum_i z_i p_i(s, a) \tag{6} $$
+
+Prioritised replay (the proportional variant): transition i is sampled with probability
+P(i) ∝ p_i^α, where p_i is its latest KL divergence to the target ((5) less the target's
+entropy, as in Rainbow; new transitions get the largest priority seen so far), found by a
+sum tree in O(log n); the importance weights undo the bias, normalised by their batch
+maximum, with β annealed linearly to 1 over the run:
+$$ P(i) = \frac{p_i^\alpha}{\sum_k p_k^\alpha}, \qquad w_i = \frac{(n\,P(i))^{-\beta}}{\max_j (n\,P(j))^{-\beta}} \tag{7} $$
+
+Target networks, Polyak-averaged after each learner step (τ = 1 with
+--target-network-frequency 100 is the paper's hard copy every 100 steps):
+$$ \theta' \leftarrow \tau\theta + (1 - \tau)\theta', \qquad \phi' \leftarrow \tau\phi + (1 - \tau)\phi' \tag{8} $$
+
+Actors and learner: `--num-actors` K processes (torch.multiprocessing, spawn), each with
+`--num-envs` environments and a shared-memory copy of μ. The run goes in rounds: the
+learner publishes its actor's weights and tells every actor process to collect
+`--rollout-steps` vector steps; while they act, the learner takes the gradient steps owed
+for the data it already has (one per env step); then it adds the actors' N-step
+transitions to the replay, in actor order. So acting and learning run at the same time,
+the actors' weights are one round old, and a seed gives the same run every time.
+Environments: gymnasium vector envs in their default NEXT_STEP autoreset mode: the step
+after an episode's end only resets that env; it is no transition and is not stored.
+
+Run:
+    python algos/d4pg.py --total-timesteps 20000                    # Pendulum-v1
+    python algos/d4pg.py --num-actors 2 --total-timesteps 20000
+    python algos/d4pg.py --env-id Hopper-v4 --v-min -100 --v-max 400 --learning-starts 25000
+    python algos/d4pg.py --help
+
+v_min and v_max must cover the task's discounted returns, about r_min/(1-γ) to r_max/(1-γ):
+the defaults fit Pendulum-v1 (rewards in [-16.3, 0], γ = 0.99). Other defaults are the
+paper's (N = 5, 51 atoms, batch 256, σ = 0.3, Adam at 1e-4 for the actor) and Schaul et al.'s
+(α = 0.6, β from 0.4), with 256×256 networks and a critic rate of 3e-4.
+"""
+
+import json
+import math
+import os
+import queue
+import random
+import sys
+import time
+import warnings
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run directory)"""
+    seed: int = 1
+    """seed of random, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """use deterministic torch algorithms (same seed, same returns on CPU)"""
+    cuda: bool = True
+    """use CUDA for the learner when it is available (actors act on the CPU)"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "pg-reference"
+    """the Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """the Weights & Biases entity (team)"""
+    capture_video: bool = False
+    """record videos of actor 0's environment 0 into the run directory"""
+    save_model: bool = False
+    """save the actor and critic to runs/<run>/d4pg.pt at the end (and on Ctrl-C)"""
+    eval_checkpoint: Optional[str] = None
+    """path of a saved model: evaluate it (μ(s), no noise) without learning, then exit"""
+    eval_episodes: int = 10
+    """number of episodes for --eval-checkpoint"""
+
+    env_id: str = "Pendulum-v1"
+    """the gymnasium environment id (Box actions, vector observations)"""
+    total_timesteps: int = 1_000_000
+    """total environment steps over all actors (Pendulum-v1 needs about 20,000)"""
+    num_actors: int = 1
+    """actor processes acting in parallel with the learner"""
+    num_envs: int = 1
+    """environments per actor process"""
+    rollout_steps: int = 25
+    """vector steps each actor takes per round (the actors' weights are one round old)"""
+    policy_lr: float = 1e-4
+    """Adam learning rate of the actor"""
+    q_lr: float = 3e-4
+    """Adam learning rate of the distributional critic"""
+    buffer_size: int = 1_000_000
+    """replay capacity in N-step transitions"""
+    gamma: float = 0.99
+    """discount factor γ in (3)"""
+    n_step: int = 5
+    """N of the N-step returns (3)"""
+    num_atoms: int = 51
+    """atoms of the categorical return distribution (2)"""
+    v_min: float = -1600.0
+    """lowest atom z_0 of (2): about the lowest discounted return, r_min / (1 - γ)"""
+    v_max: float = 0.0
+    """highest atom of (2): about the highest discounted return, r_max / (1 - γ)"""
+    tau: float = 0.005
+    """Polyak averaging coefficient τ in (8)"""
+    target_network_frequency: int = 1
+    """learner steps per target update (8)"""
+    policy_frequency: int = 1
+    """critic steps per actor step (1: every step, as in the paper)"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    learning_starts: int = 5_000
+    """env steps of uniformly random actions before learning starts"""
+    exploration_noise: float = 0.3
+    """std σ of the exploration noise in (1), in units of the action scale"""
+    per: bool = True
+    """prioritised replay (7); --no-per samples uniformly with unit weights"""
+    per_alpha: float = 0.6
+    """priority exponent α of (7)"""
+    per_beta: float = 0.4
+    """initial importance-sampling exponent β of (7), annealed linearly to 1"""
+    per_eps: float = 1e-6
+    """added to every priority so that no transition has probability 0"""
+
+
+def fail(message: str):
+    """Bad input: one clear line on stderr and exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
+    def thunk():
+        if capture_video and idx == 0:
+            env = gym.make(env_id, render_mode="rgb_array")
+            env = gym.wrappers.RecordVideo(env, os.path.join(run_dir, "videos"), disable_logger=True)
+        else:
+            env = gym.make(env_id)
+        return gym.wrappers.RecordEpisodeStatistics(env)
+
+    return thunk
+
+
+def check_env(env_id: str, capture_video: bool = False):
+    """Refuse an unknown id, a wrong action/observation space or an env that cannot render
+    (with --capture-video) before anything starts."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # only a probe: the run itself shows gymnasium's warnings
+            env = gym.make(env_id)
+            if capture_video:
+                try:
+                    probe = gym.make(env_id, render_mode="rgb_array")
+                    probe.reset(seed=0)
+                    probe.render()
+                    probe.close()
+                except Exception as e:
+                    first_line = (str(e).splitlines() or [""])[0]
+                    fail(f"--capture-video cannot render {env_id} ({type(e).__name__}: {first_line}); "
+                         "without a display, MuJoCo needs MUJOCO_GL=egl or MUJOCO_GL=osmesa")
+    except gym.error.Error as e:
+        fail(f"cannot make env {env_id!r}: {e} (try --env-id Pendulum-v1)")
+    act_space, obs_space = env.action_space, env.observation_space
+    env.close()
+    if isinstance(act_space, gym.spaces.Discrete):
+        fail(f"{env_id} has Discrete actions; d4pg.py is for continuous (Box) actions: use algos/ppo.py")
+    if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
+        fail(f"{env_id} has {act_space} actions; d4pg.py needs a flat Box action space")
+    if not (np.isfinite(act_space.low).all() and np.isfinite(act_space.high).all()):
+        fail(f"{env_id} has unbounded actions {act_space}; d4pg.py scales tanh to finite bounds")
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        fail(f"{env_id} has observations {obs_space}; d4pg.py needs flat vectors")
+
+
+def categorical_projection(next_probs, returns, discounts, atoms):
+    """Equation (4): the target distribution on the support `atoms` [N]. next_probs [B, N]
+    are the target critic's probabilities p'_j at the bootstrap state; returns [B] and
+    discounts [B] are R_t and γ_t of (3). Each atom moves to R + γ_t z_j, clipped to
+    [v_min, v_max], and gives its mass to the atoms within Δz of it, in proportion to
+    closeness (the triangle kernel, exactly the usual split between floor and ceiling)."""
+    delta_z = atoms[1] - atoms[0]
+    moved = (returns[:, None] + discounts[:, None] * atoms[None, :]).clamp(atoms[0], atoms[-1])  # [B, N] over j
+    weight = (1.0 - (moved[:, None, :] - atoms[None, :, None]).abs() / delta_z).clamp(0.0, 1.0)  # [B, i, j]
+    return torch.einsum("bij,bj->bi", weight, next_probs)  # (4)
+
+
+class NStepBuffer:
+    """Equation (3) online, per environment: keeps each env's last N (s, a, r) and emits
+    (s_t, a_t, R_t, s_{t+k}, γ_t) once a window is full or the episode ends (then every
+    pending start is flushed, with k shorter than N)."""
+
+    def __init__(self, num_envs: int, n: int, gamma: float):
+        self.windows = [deque() for _ in range(num_envs)]
+        self.n, self.gamma = n, gamma
+
+    def _emit(self, window, next_obs, terminated: bool):
+        obs, action, _ = window[0]
+        k = len(window)
+        ret = sum(self.gamma**j * r for j, (_, _, r) in enumerate(window))  # (3)
+        discount = 0.0 if terminated else self.gamma**k  # (3)
+        return obs, action, ret, next_obs, discount
+
+    def add(self, env: int, obs, action, reward: float, next_obs, terminated: bool, truncated: bool) -> list:
+        """One real step of env `env`; returns the transitions it completes."""
+        window = self.windows[env]
+        window.append((obs, action, reward))
+        out = []
+        if terminated or truncated:
+            while window:
+                out.append(self._emit(window, next_obs, terminated))
+                window.popleft()
+        elif len(window) == self.n:
+            out.append(self._emit(window, next_obs, False))
+            window.popleft()
+        return out
+
+
+class SumTree:
+    """Priorities in the leaves of a complete binary tree whose inner nodes hold the sums of
+    their children: updating a leaf and drawing a leaf with probability proportional to
+    its value both take O(log n), for a whole batch at once."""
+
+    def __init__(self, capacity: int):
+        self.leaves = 1 << max(0, capacity - 1).bit_length()  # a power of two >= capacity
+        self.tree = np.zeros(2 * self.leaves, dtype=np.float64)  # node k has children 2k, 2k+1; root 1
+
+    def total(self) -> float:
+        return float(self.tree[1])
+
+    def update(self, indices: np.ndarray, values: np.ndarray):
+        nodes = np.asarray(indices) + self.leaves
+        self.tree[nodes] = values
+        for _ in range(self.leaves.bit_length() - 1):  # up one level at a time to the root
+            nodes = np.unique(nodes // 2)
+            self.tree[nodes] = self.tree[2 * nodes] + self.tree[2 * nodes + 1]
+
+    def find(self, targets: np.ndarray) -> np.ndarray:
+        """The leaves where the prefix sums of the priorities first exceed `targets`."""
+        nodes = np.ones(len(targets), dtype=np.int64)
+        targets = np.array(targets, dtype=np.float64)
+        while nodes[0] < self.leaves:
+            left = 2 * nodes
+            go_right = targets >= self.tree[left]
+            targets -= self.tree[left] * go_right
+            nodes = left + go_right
+        return nodes - self.leaves
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+        """Stratified: one draw from each of batch_size equal slices of the total."""
+        bounds = self.total() * (np.arange(batch_size) + rng.random(batch_size)) / batch_size
+        return self.find(bounds)
+
+
+class ReplayBuffer:
+    """A ring buffer of N-step transitions in preallocated NumPy arrays, sampled in
+    proportion to priority (7) through a sum tree, or uniformly with per=False."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, rng: np.random.Generator,
+                 per: bool, alpha: float, eps: float):
+        self.obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.actions = np.zeros((capacity, act_dim), dtype=np.float32)
+        self.returns = np.zeros(capacity, dtype=np.float32)
+        self.next_obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.discounts = np.zeros(capacity, dtype=np.float32)
+        self.capacity, self.pos, self.size, self.rng = capacity, 0, 0, rng
+        self.tree = SumTree(capacity) if per else None
+        self.alpha, self.eps, self.max_priority = alpha, eps, 1.0
+
+    def add(self, obs, actions, returns, next_obs, discounts):
+        idx = (self.pos + np.arange(len(obs))) % self.capacity
+        self.obs[idx], self.actions[idx], self.returns[idx] = obs, actions, returns
+        self.next_obs[idx], self.discounts[idx] = next_obs, discounts
+        if self.tree is not None:
+            self.tree.update(idx, np.full(len(idx), self.max_priority**self.alpha))
+        self.pos = (self.pos + len(obs)) % self.capacity
+        self.size = min(self.size + len(obs), self.capacity)
+
+    def sample(self, batch_size: int, beta: float, device):
+        if self.tree is None:
+            idx, weights = self.rng.integers(0, self.size, batch_size), np.ones(batch_size)
+        else:
+            idx = np.minimum(self.tree.sample(batch_size, self.rng), self.size - 1)  # guard float round-off
+            probs = self.tree.tree[idx + self.tree.leaves] / self.tree.total()  # (7)
+            weights = (self.size * probs) ** -beta  # (7)
+            weights /= weights.max()
+        batch = [torch.as_tensor(x[idx], device=device)
+                 for x in (self.obs, self.actions, self.returns, self.next_obs, self.discounts)]
+        return idx, batch + [torch.as_tensor(weights, dtype=torch.float32, device=device)]
+
+    def update_priorities(self, idx: np.ndarray, priorities: np.ndarray):
+        priorities = priorities + self.eps
+        self.max_priority = max(self.max_priority, float(priorities.max()))
+        self.tree.update(idx, priorities**self.alpha)  # (7)
+
+
+class Actor(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, low: np.ndarray, high: np.ndarray):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                                 nn.Linear(256, act_dim), nn.Tanh())
+        self.register_buffer("action_scale", torch.as_tensor((high - low) / 2.0, dtype=torch.float32))
+        self.register_buffer("action_bias", torch.as_tensor((high + low) / 2.0, dtype=torch.float32))
+
+    def forward(self, obs):
+        return self.net(obs) * self.action_scale + self.action_bias  # (1)
+
+
+class DistributionalCritic(nn.Module):
+    """Logits of Z(s, a) over the atoms (2): a 256×256 ReLU MLP of [s, a]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, num_atoms: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(obs_dim + act_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                                 nn.Linear(256, num_atoms))
+
+    def forward(self, obs, actions):
+        return self.net(torch.cat([obs, actions], -1))
+
+
+def actor_process(rank: int, args: Args, shared_actor: Actor, run_dir: str, commands, results):
+    """One actor: waits for a round number, acts `rollout_steps` vector steps with the
+    shared weights (uniformly random before learning_starts) and sends back its N-step
+    transitions and finished episodes. None stops it."""
+    torch.set_num_threads(1)
+    seed = args.seed + 1000 * (rank + 1)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, rank * args.num_envs + i, args.capture_video, run_dir)
+                                     for i in range(args.num_envs)])
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    explore_std = args.exploration_noise * (high - low) / 2.0
+    nstep = NStepBuffer(args.num_envs, args.n_step, args.gamma)
+    steps_per_round = args.num_actors * args.num_envs * args.rollout_steps
+    obs, _ = envs.reset(seed=[args.seed + rank * args.num_envs + i for i in range(args.num_envs)])
+    reset_step = np.zeros(args.num_envs, dtype=bool)  # this step of env i only resets it (NEXT_STEP)
+    try:
+        while (round_ := commands.get()) is not None:
+            transitions, episodes = [], []
+            for _ in range(args.rollout_steps):
+                if round_ * steps_per_round < args.learning_starts:
+                    actions = rng.uniform(low, high, (args.num_envs, len(low))).astype(np.float32)
+                else:
+                    with torch.inference_mode():
+                        mu = shared_actor(torch.as_tensor(obs, dtype=torch.float32)).numpy()
+                    actions = (mu + rng.normal(0.0, explore_std, mu.shape)).clip(low, high).astype(np.float32)  # (1)
+                next_obs, rewards, terminations, truncations, infos = envs.step(actions)
+                for i in np.flatnonzero(~reset_step):  # a reset step's action was ignored: no transition
+                    transitions += nstep.add(i, obs[i], actions[i], float(rewards[i]), next_obs[i],
+                                             bool(terminations[i]), bool(truncations[i]))
+                if "episode" in infos:
+                    episodes += [(float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i]))
+                                 for i in np.flatnonzero(infos["_episode"])]
+                reset_step = terminations | truncations
+                obs = next_obs
+            results.put((round_, [np.array(x, dtype=np.float32) for x in zip(*transitions)], episodes))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C reaches the whole process group; the learner cleans up
+    finally:
+        envs.close()
+
+
+def setup(args: Args, run_name: str):
+    """Seeding, device and logging shared by training and evaluation."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # the learner has one core, each actor process another
+    run_dir = os.path.join("runs", run_name)
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs Weights & Biases: pip install wandb")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    return device, run_dir, writer
+
+
+def evaluate(args: Args) -> dict:
+    """--eval-checkpoint: act with μ(s), no exploration noise, no learning."""
+    if not os.path.isfile(args.eval_checkpoint):
+        fail(f"no checkpoint at {args.eval_checkpoint}")
+    try:
+        ckpt = torch.load(args.eval_checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot read {args.eval_checkpoint} as a checkpoint ({type(e).__name__})")
+    saved_by = ckpt.get("algorithm") if isinstance(ckpt, dict) else None
+    if saved_by != "d4pg":
+        fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not d4pg.py: evaluate it with the script that saved it")
+    args.env_id = ckpt["args"]["env_id"]
+    check_env(args.env_id, args.capture_video)
+    if args.eval_episodes <= 0:
+        fail(f"--eval-episodes must be positive, got {args.eval_episodes}")
+    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
+    device, run_dir, writer = setup(args, run_name)
+    env = make_env(args.env_id, 0, args.capture_video, run_dir)()
+    low, high = env.action_space.low, env.action_space.high
+    actor = Actor(env.observation_space.shape[0], env.action_space.shape[0], low, high).to(device)
+    actor.load_state_dict(ckpt["actor"])
+    returns = []
+    obs, _ = env.reset(seed=args.seed)
+    while len(returns) < args.eval_episodes:
+        with torch.inference_mode():
+            action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+        obs, _, terminated, truncated, info = env.step(np.clip(action, low, high))
+        if terminated or truncated:
+            returns.append(float(info["episode"]["r"]))
+            writer.add_scalar("eval/episodic_return", returns[-1], len(returns))
+            obs, _ = env.reset()
+    env.close()
+    writer.close()
+    summary = dict(env_id=args.env_id, algorithm="d4pg", mode="eval", seed=args.seed, checkpoint=args.eval_checkpoint,
+                   episodes=len(returns), mean_return=float(np.mean(returns)), std_return=float(np.std(returns)))
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"eval {args.env_id}: mean return {summary['mean_return']:.2f} ± {summary['std_return']:.2f} over {len(returns)} episodes")
+    return summary
+
+
+def receive(results, process, rank: int):
+    """The next message of one actor, or a clear error if its process has died."""
+    while True:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"actor process {rank} died (exit code {process.exitcode})")
+
+
+def train(args: Args) -> dict:
+    if args.eval_checkpoint:
+        return evaluate(args)
+    if min(args.total_timesteps, args.num_actors, args.num_envs, args.rollout_steps, args.buffer_size,
+           args.batch_size, args.n_step, args.policy_frequency, args.target_network_frequency) <= 0:
+        fail("--total-timesteps, --num-actors, --num-envs, --rollout-steps, --buffer-size, --batch-size, "
+             "--n-step, --policy-frequency and --target-network-frequency must be positive")
+    if args.batch_size > args.buffer_size:
+        fail(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}; shrink the batch or grow the buffer")
+    if not 0 <= args.learning_starts < args.total_timesteps:
+        fail(f"--learning-starts {args.learning_starts} must be in [0, --total-timesteps {args.total_timesteps}): "
+             "nothing would be learned; raise the budget or start learning earlier")
+    if args.num_atoms < 2 or not args.v_min < args.v_max:
+        fail(f"the support needs --num-atoms >= 2 and --v-min < --v-max, got {args.num_atoms} atoms on "
+             f"[{args.v_min}, {args.v_max}]")
+    if not 0 < args.tau <= 1:
+        fail(f"--tau must be in (0, 1], got {args.tau}")
+    if not (0 <= args.per_alpha and 0 <= args.per_beta <= 1 and args.per_eps > 0):
+        fail("prioritised replay needs --per-alpha >= 0, 0 <= --per-beta <= 1 and --per-eps > 0")
+    steps_per_round = args.num_actors * args.num_envs * args.rollout_steps
+    num_rounds = args.total_timesteps // steps_per_round
+    if num_rounds == 0:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one round of {steps_per_round} steps "
+             "(num-actors x num-envs x rollout-steps); raise it")
+    check_env(args.env_id, args.capture_video)
+
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    device, run_dir, writer = setup(args, run_name)
+    probe = gym.make(args.env_id)
+    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    low, high = probe.action_space.low, probe.action_space.high  # the env's bounds, not ±1
+    probe.close()
+    actor = Actor(obs_dim, act_dim, low, high).to(device)
+    critic = DistributionalCritic(obs_dim, act_dim, args.num_atoms).to(device)
+    actor_target = Actor(obs_dim, act_dim, low, high).to(device)
+    critic_target = DistributionalCritic(obs_dim, act_dim, args.num_atoms).to(device)
+    actor_target.load_state_dict(actor.state_dict())
+    critic_target.load_state_dict(critic.state_dict())
+    fused = True if device.type in ("cpu", "cuda") else None
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=fused)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.q_lr, fused=fused)
+    atoms = torch.linspace(args.v_min, args.v_max, args.num_atoms, device=device)  # (2)
+    rng = np.random.default_rng(args.seed)
+    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, rng,
+                      args.per, args.per_alpha, args.per_eps)
+
+    # the actors' copy of μ lives in shared memory; the learner overwrites it between rounds only
+    shared_actor = Actor(obs_dim, act_dim, low, high).share_memory()
+    ctx = mp.get_context("spawn")
+    commands = [ctx.Queue() for _ in range(args.num_actors)]
+    results = [ctx.Queue() for _ in range(args.num_actors)]
+    processes = [ctx.Process(target=actor_process, args=(rank, args, shared_actor, run_dir, commands[rank], results[rank]),
+                             daemon=True) for rank in range(args.num_actors)]
+    for p in processes:
+        p.start()
+
+    def learner_step(step: int, beta: float) -> dict:
+        idx, (b_obs, b_actions, b_returns, b_next_obs, b_discounts, b_weights) = rb.sample(args.batch_size, beta, device)
+        with torch.no_grad():
+            next_probs = critic_target(b_next_obs, actor_target(b_next_obs)).softmax(-1)
+            target = categorical_projection(next_probs, b_returns, b_discounts, atoms)  # (4)
+        log_probs = critic(b_obs, b_actions).log_softmax(-1)
+        cross_entropy = -(target * log_probs).sum(-1)
+        critic_loss = (b_weights * cross_entropy).mean()  # (5)
+        critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        critic_optimizer.step()
+        if rb.tree is not None:  # priority: the KL to the target (the loss less the target's entropy), as in Rainbow
+            kl = cross_entropy.detach() + torch.special.xlogy(target, target).sum(-1)
+            rb.update_priorities(idx, kl.clamp(min=0.0).cpu().numpy())  # (7)
+        out = dict(critic_loss=critic_loss, q=(log_probs.detach().exp() * atoms).sum(-1).mean())
+        if step % args.policy_frequency == 0:
+            critic.requires_grad_(False)  # only ∇_a Q flows back into θ
+            q_mu = (critic(b_obs, actor(b_obs)).softmax(-1) * atoms).sum(-1)  # (2)
+            critic.requires_grad_(True)
+            out["actor_loss"] = actor_loss = -q_mu.mean()  # (6)
+            actor_optimizer.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            actor_optimizer.step()
+        if step % args.target_network_frequency == 0:
+            with torch.no_grad():
+                for target_net, net in ((actor_target, actor), (critic_target, critic)):
+                    for t, s in zip(target_net.parameters(), net.parameters()):
+                        t.lerp_(s, args.tau)  # (8)
+        return out
+
+    global_step, learner_steps, owed, start_time = 0, 0, 0, time.time()
+    recent_returns = deque(maxlen=20)
+    episodes = 0
+    log_every = max(1, num_rounds // 20)
+    interrupted, stats = False, {}
+    try:
+        for round_ in range(num_rounds):
+            with torch.no_grad():
+                for t, s in zip(shared_actor.state_dict().values(), actor.state_dict().values()):
+                    t.copy_(s)
+            for q in commands:
+                q.put(round_)
+            for _ in range(owed):  # while the actors act: one gradient step per env step already received
+                learner_steps += 1
+                beta = args.per_beta + (1.0 - args.per_beta) * min(1.0, global_step / args.total_timesteps)  # (7)
+                stats = learner_step(learner_steps, beta)
+            for rank in range(args.num_actors):
+                _, transitions, finished = receive(results[rank], processes[rank], rank)
+                if transitions:
+                    rb.add(*transitions)
+                for r, length in finished:
+                    recent_returns.append(r)
+                    episodes += 1
+                    writer.add_scalar("charts/episodic_return", r, global_step)
+                    writer.add_scalar("charts/episodic_length", length, global_step)
+            global_step += steps_per_round
+            owed = max(0, min(steps_per_round, global_step - args.learning_starts))
+            if rb.size < args.batch_size:
+                owed = 0
+
+            if stats and (round_ % log_every == 0 or round_ == num_rounds - 1):
+                sps = int(global_step / (time.time() - start_time))
+                for key, value in stats.items():
+                    writer.add_scalar(f"losses/{key}", value.item(), global_step)
+                writer.add_scalar("charts/SPS", sps, global_step)
+            if (round_ + 1) % log_every == 0 or round_ == num_rounds - 1:
+                sps = int(global_step / (time.time() - start_time))
+                mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
+                print(f"step {global_step:>9,}  SPS {sps:>6,}  return(last 20) {mean_ret:8.2f}", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted at step {global_step:,}; closing logs", file=sys.stderr)
+    finally:
+        for q in commands:
+            q.put(None)
+        for p in processes:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+
+    if args.save_model:
+        path = os.path.join(run_dir, "d4pg.pt")
+        torch.save({"algorithm": "d4pg", "args": asdict(args), "actor": actor.state_dict(), "critic": critic.state_dict(),
+                    "actor_target": actor_target.state_dict(), "critic_target": critic_target.state_dict()}, path)
+        print(f"model saved to {path}")
+    writer.close()
+    wall = time.time() - start_time
+    summary = dict(env_id=args.env_id, algorithm="d4pg", exp_name=args.exp_name, seed=args.seed, global_step=global_step,
+                   wall_seconds=wall, SPS=global_step / wall,
+                   mean_return=float(np.mean(recent_returns)) if recent_returns else None,
+                   episodes_in_mean=len(recent_returns), episodes=episodes, interrupted=interrupted, run_dir=run_dir)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+if __name__ == "__main__":
+    train(tyro.cli(Args))
