@@ -47,6 +47,14 @@ def slow_projection(next_probs, returns, discounts, atoms):
     return out
 
 
+def kernel_projection(next_probs, returns, discounts, atoms):
+    """Equation (4) as the paper writes it: an [B, N, N] sum over the triangle kernel."""
+    dz = atoms[1] - atoms[0]
+    moved = (returns[:, None] + discounts[:, None] * atoms[None, :]).clamp(atoms[0], atoms[-1])
+    weight = (1.0 - (moved[:, None, :] - atoms[None, :, None]).abs() / dz).clamp(0.0, 1.0)
+    return torch.einsum("bij,bj->bi", weight, next_probs)
+
+
 def random_case(B=64, N=51, v_min=-10.0, v_max=10.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     atoms = torch.linspace(v_min, v_max, N, dtype=torch.float64)
@@ -64,6 +72,7 @@ def test_projection_matches_slow_loop_and_keeps_mass():
         probs, returns, discounts, atoms = random_case(N=N, seed=seed)
         got = d4pg.categorical_projection(probs, returns, discounts, atoms)
         np.testing.assert_allclose(got.numpy(), slow_projection(probs, returns, discounts, atoms), atol=1e-12)
+        np.testing.assert_allclose(got.numpy(), kernel_projection(probs, returns, discounts, atoms).numpy(), atol=1e-12)
         np.testing.assert_allclose(got.sum(-1).numpy(), 1.0, atol=1e-12)
         assert (got >= 0).all()
 
