@@ -168,6 +168,8 @@ class Args:
     per_eps: float = 1e-6
     """added to every priority so that no transition has probability 0"""
 
+    torch_threads: int = 1
+    """CPU threads for torch (the learner's; each actor process uses one): 1 is fastest while other processes share the cores"""
 
 def fail(message: str):
     """Bad input: one clear line on stderr and exit code 2."""
@@ -419,7 +421,8 @@ def setup(args: Args, run_name: str):
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if device.type == "cpu":
-        torch.set_num_threads(1)  # the learner has one core, each actor process another
+        torch.set_num_threads(args.torch_threads)
+        torch.set_flush_denormal(True)  # tiny gradients and Adam moments turn denormal and slow every op
     run_dir = os.path.join("runs", run_name)
     if args.track:
         try:
@@ -446,8 +449,8 @@ def evaluate(args: Args) -> dict:
         fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not d4pg.py: evaluate it with the script that saved it")
     args.env_id = ckpt["args"]["env_id"]
     check_env(args.env_id, args.capture_video)
-    if args.eval_episodes <= 0:
-        fail(f"--eval-episodes must be positive, got {args.eval_episodes}")
+    if args.eval_episodes <= 0 or args.torch_threads <= 0:
+        fail(f"--eval-episodes and --torch-threads must be positive, got {args.eval_episodes} and {args.torch_threads}")
     run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
     device, run_dir, writer = setup(args, run_name)
     env = make_env(args.env_id, 0, args.capture_video, run_dir)()
@@ -488,9 +491,9 @@ def train(args: Args) -> dict:
     if args.eval_checkpoint:
         return evaluate(args)
     if min(args.total_timesteps, args.num_actors, args.num_envs, args.rollout_steps, args.buffer_size,
-           args.batch_size, args.n_step, args.policy_frequency, args.target_network_frequency) <= 0:
+           args.batch_size, args.n_step, args.policy_frequency, args.target_network_frequency, args.torch_threads) <= 0:
         fail("--total-timesteps, --num-actors, --num-envs, --rollout-steps, --buffer-size, --batch-size, "
-             "--n-step, --policy-frequency and --target-network-frequency must be positive")
+             "--n-step, --policy-frequency, --target-network-frequency and --torch-threads must be positive")
     if args.batch_size > args.buffer_size:
         fail(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}; shrink the batch or grow the buffer")
     if not 0 <= args.learning_starts < args.total_timesteps:

@@ -304,6 +304,7 @@ def test_bad_input(capsys):
     expect_refusal(capsys, "--learning-starts", total_timesteps=1000, learning_starts=1000)
     expect_refusal(capsys, "--total-timesteps", total_timesteps=0)
     expect_refusal(capsys, "--num-actors", num_actors=0)
+    expect_refusal(capsys, "--torch-threads", torch_threads=0)
     expect_refusal(capsys, "--v-min", v_min=5.0, v_max=5.0)
     expect_refusal(capsys, "one round", total_timesteps=30, learning_starts=0, num_actors=2, rollout_steps=25)
     for other in ["td3", "sac"]:

@@ -182,6 +182,7 @@ def test_bad_input(name, capsys):
     expect_refusal(name, capsys, "--learning-starts", total_timesteps=1000, learning_starts=1000)
     expect_refusal(name, capsys, "--total-timesteps", total_timesteps=0)
     expect_refusal(name, capsys, "--total-timesteps", total_timesteps=-100)
+    expect_refusal(name, capsys, "--torch-threads", torch_threads=0)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
