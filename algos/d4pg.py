@@ -80,7 +80,9 @@ import math
 import os
 import queue
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections import deque
@@ -407,8 +409,6 @@ def actor_process(rank: int, args: Args, shared_actor: Actor, run_dir: str, comm
                 reset_step = terminations | truncations
                 obs = next_obs
             results.put((round_, [np.array(x, dtype=np.float32) for x in zip(*transitions)], episodes))
-    except KeyboardInterrupt:
-        pass  # Ctrl-C reaches the whole process group; the learner cleans up
     finally:
         envs.close()
 
@@ -540,8 +540,6 @@ def train(args: Args) -> dict:
     results = [ctx.Queue() for _ in range(args.num_actors)]
     processes = [ctx.Process(target=actor_process, args=(rank, args, shared_actor, run_dir, commands[rank], results[rank]),
                              daemon=True) for rank in range(args.num_actors)]
-    for p in processes:
-        p.start()
 
     def learner_step(step: int, beta: float) -> dict:
         idx, (b_obs, b_actions, b_returns, b_next_obs, b_discounts, b_weights) = rb.sample(args.batch_size, beta, device)
@@ -579,6 +577,16 @@ def train(args: Args) -> dict:
     log_every = max(1, num_rounds // 20)
     interrupted, stats = False, {}
     try:
+        # the actors are born ignoring Ctrl-C (an ignored signal stays ignored in a new process,
+        # and Python then installs no KeyboardInterrupt): the learner alone handles it and stops them
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+        try:
+            for p in processes:
+                p.start()
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGINT, previous)
         for round_ in range(num_rounds):
             with torch.no_grad():
                 for t, s in zip(shared_actor.state_dict().values(), actor.state_dict().values()):
@@ -619,9 +627,11 @@ def train(args: Args) -> dict:
         for q in commands:
             q.put(None)
         for p in processes:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
+            if p.pid is not None:  # started
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.terminate()
+                    p.join(timeout=5)
 
     if args.save_model:
         path = os.path.join(run_dir, "d4pg.pt")
