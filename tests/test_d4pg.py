@@ -327,7 +327,9 @@ def test_ctrl_c_saves_and_closes(in_tmp_dir):
     progress: the learner saves and writes its summary, the actor processes exit quietly."""
     proc = subprocess.Popen([sys.executable, os.path.join(ALGOS_DIR, "d4pg.py"), "--num-actors", "2",
                              "--total-timesteps", "40000", "--learning-starts", "500", "--save-model", "--no-cuda"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # pytest-xdist workers ignore SIGINT and a child would inherit that: as from a shell
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline, line = time.time() + 240, ""
     while time.time() < deadline and not line.startswith("step"):  # first progress line: 2,000 steps in
         if select.select([proc.stdout], [], [], 1.0)[0]:
