@@ -555,7 +555,7 @@ def train(args: Args) -> dict:
         if rb.tree is not None:  # priority: the KL to the target (the loss less the target's entropy), as in Rainbow
             kl = cross_entropy.detach() + torch.special.xlogy(target, target).sum(-1)
             rb.update_priorities(idx, kl.clamp(min=0.0).cpu().numpy())  # (7)
-        out = dict(critic_loss=critic_loss, q=(log_probs.detach().exp() * atoms).sum(-1).mean())
+        out = dict(critic_loss=critic_loss, log_probs=log_probs.detach())  # Q only computed when logged
         if step % args.policy_frequency == 0:
             critic.requires_grad_(False)  # only ∇_a Q flows back into θ
             q_mu = (critic(b_obs, actor(b_obs)).softmax(-1) * atoms).sum(-1)  # (2)
@@ -613,6 +613,8 @@ def train(args: Args) -> dict:
 
             if stats and (round_ % log_every == 0 or round_ == num_rounds - 1):
                 sps = int(global_step / (time.time() - start_time))
+                if "log_probs" in stats:  # new stats since the last log
+                    stats["q_values"] = (stats.pop("log_probs").exp() * atoms).sum(-1).mean()  # (2)
                 for key, value in stats.items():
                     writer.add_scalar(f"losses/{key}", value.item(), global_step)
                 writer.add_scalar("charts/SPS", sps, global_step)
