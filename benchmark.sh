@@ -6,6 +6,8 @@
 #   ./benchmark.sh offpolicy  the off-policy scripts on Hopper-v4, 200k steps, 1 seed (a CPU-sized slice of `full`)
 #   JOBS=2 ./benchmark.sh full   run two at a time (SPS figures then share the CPU)
 #   ONLY=Hopper ./benchmark.sh full   only the plan lines that match this regular expression
+#   SEEDS="2 3" ./benchmark.sh offpolicy   other seeds than the profile's; the report covers every
+#                                         run already in the profile's directory
 #
 # Runs go to benchmark/runs/<profile>/ (not committed); the report to benchmark/<profile>/.
 set -euo pipefail
@@ -63,6 +65,7 @@ PLAN
   ;;
 *) echo "usage: $0 quick|full|offpolicy" >&2; exit 2 ;;
 esac
+seeds="${SEEDS:-$seeds}"
 
 commands=()
 while read -r script name rest; do
