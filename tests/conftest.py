@@ -9,6 +9,21 @@ ALGOS_DIR = os.path.join(ROOT, "algos")
 ALGOS = sorted(f[:-3] for f in os.listdir(ALGOS_DIR) if f.endswith(".py"))
 _cache = {}
 
+# The smallest budget each script runs with in the tests that cover every script
+# (tests/test_args.py, tests/test_contract.py). A new script adds its line here.
+TINY = {
+    "reinforce": dict(total_timesteps=1500),
+    "actor_critic": dict(total_timesteps=1600),
+    "a2c": dict(total_timesteps=2000),
+    "ppo": dict(total_timesteps=2048, num_envs=4, num_steps=64),
+    "ppo_continuous": dict(env_id="InvertedPendulum-v4", total_timesteps=1024, num_steps=256, num_minibatches=4,
+                           update_epochs=2),
+    "ddpg": dict(total_timesteps=600, learning_starts=200),
+    "td3": dict(total_timesteps=600, learning_starts=200),
+    "sac": dict(total_timesteps=600, learning_starts=200),
+    "d4pg": dict(total_timesteps=600, learning_starts=200, rollout_steps=20),
+}
+
 
 # algos/ on the path, so that the processes a script spawns (d4pg's actors) can import it
 # by name: multiprocessing's spawn hands sys.path to the child.
