@@ -12,7 +12,10 @@
 # Runs go to benchmark/runs/<profile>/ (not committed); the report to benchmark/<profile>/.
 set -euo pipefail
 cd "$(dirname "$0")"
-profile="${1:-quick}"
+usage="usage: $0 quick|full|offpolicy  (quick: every script on its test task, 1 seed, ~30 min on 2 cores;
+       full: standard tasks, 3 seeds, hours; offpolicy: ddpg/td3/sac/d4pg on Hopper-v4, 200k steps)"
+if [ $# -ne 1 ]; then echo "$usage" >&2; exit 2; fi
+profile="$1"
 jobs="${JOBS:-1}"
 root="$PWD"
 runs="$root/benchmark/runs/$profile"
@@ -63,7 +66,7 @@ d4pg.py            d4pg                --env-id Hopper-v4 --total-timesteps 2000
 PLAN
 )
   ;;
-*) echo "usage: $0 quick|full|offpolicy" >&2; exit 2 ;;
+*) echo "$usage" >&2; exit 2 ;;
 esac
 seeds="${SEEDS:-$seeds}"
 

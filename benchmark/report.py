@@ -3,9 +3,11 @@
     python benchmark/report.py --runs benchmark/runs/quick --out benchmark/quick
 
 For each (script, task): final return (mean ± std over seeds of the last-20-episode mean
-in summary.json), SPS, wall time, and the env steps and seconds at which the 20-episode
+in summary.json), the last evaluation of the deterministic policy where the runs have one
+(--eval-frequency), SPS, wall time, and the env steps and seconds at which the 20-episode
 moving mean first reached the task's threshold (the TensorBoard event's wall time minus
-the run's first event).
+the run's first event). Under the table: the versions (python, torch, gymnasium, mujoco,
+ale-py, numpy) the runs' summary.json files record.
 """
 
 import argparse
@@ -30,19 +32,37 @@ THRESHOLDS = {
 WINDOW = 20
 
 
-def episodes(run_dir: str):
-    """(steps, seconds since the run's first event, returns) of every logged episode."""
+def episodes(run_dir: str, tag: str = "charts/episodic_return"):
+    """(steps, seconds since the run's first event, values) of every logged `tag` event:
+    training episodes, or evaluations with tag="eval/episodic_return"."""
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    if "charts/episodic_return" not in tags:
+    if tag not in tags:
         return np.zeros(0), np.zeros(0), np.zeros(0)
-    events = acc.Scalars("charts/episodic_return")
-    t0 = min(acc.Scalars(tag)[0].wall_time for tag in tags)
+    events = acc.Scalars(tag)
+    t0 = min(acc.Scalars(t)[0].wall_time for t in tags)
     steps = np.array([e.step for e in events], dtype=np.int64)
     seconds = np.array([e.wall_time - t0 for e in events])
     returns = np.array([e.value for e in events])
     return steps, seconds, returns
+
+
+def versions_line(runs) -> str:
+    """The versions behind the figures, from summary.json (runs made before versions were
+    recorded say so)."""
+    seen = defaultdict(set)
+    missing = 0
+    for r in runs:
+        if not r.get("versions"):
+            missing += 1
+            continue
+        for k, v in r["versions"].items():
+            seen[k].add(str(v))
+    parts = [f"{k} {' / '.join(sorted(v))}" for k, v in seen.items()]
+    if missing:
+        parts.append(f"{missing} of {len(runs)} runs predate version records")
+    return "Versions: " + (", ".join(parts) if parts else "not recorded") + "."
 
 
 def moving_mean(x: np.ndarray, window: int = WINDOW) -> np.ndarray:
@@ -89,6 +109,7 @@ def main():
             continue
         run_dir = os.path.dirname(path)
         summary["curve"] = episodes(run_dir)
+        summary["eval_curve"] = episodes(run_dir, "eval/episodic_return")
         groups[(summary["env_id"], summary.get("exp_name", summary["algorithm"]))].append(summary)
     if not groups:
         raise SystemExit(f"no runs with summary.json under {args.runs}")
@@ -97,19 +118,22 @@ def main():
     lines = [f"# {args.title}", "",
              "Final return: mean of the last 20 episodes at the end of each run (mean ± std over seeds). "
              "Steps / seconds to threshold: when the 20-episode moving mean first reached the threshold "
-             "(seconds from the run's first logged event; — if never).", "",
-             "| task | run (--exp-name) | seeds | env steps | final return | SPS | wall s | threshold | steps to threshold | seconds to threshold |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(seconds from the run's first logged event; — if never). Evaluation: mean return of the "
+             "deterministic policy at the run's last evaluation (--eval-frequency; — where the runs have none).", "",
+             "| task | run (--exp-name) | seeds | env steps | final return | evaluation | SPS | wall s | threshold "
+             "| steps to threshold | seconds to threshold |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (env_id, algo), runs in sorted(groups.items()):
         threshold = THRESHOLDS.get(env_id)
         crossings = [first_crossing(*r["curve"], threshold) if threshold is not None else (None, None) for r in runs]
         reached = sum(c[0] is not None for c in crossings)
         lines.append(
             f"| {env_id} | {runs[0]['algorithm']}.py ({algo}) | {len(runs)} | {fmt([r['global_step'] for r in runs])} "
-            f"| {fmt([r['mean_return'] for r in runs], 1)} | {fmt([r['SPS'] for r in runs])} "
+            f"| {fmt([r['mean_return'] for r in runs], 1)} | {fmt([r.get('eval_return') for r in runs], 1)} "
+            f"| {fmt([r['SPS'] for r in runs])} "
             f"| {fmt([r['wall_seconds'] for r in runs])} | {threshold if threshold is not None else '—'} "
             f"| {fmt([c[0] for c in crossings])} ({reached}/{len(runs)}) | {fmt([c[1] for c in crossings], 1)} |")
-    lines.append("")
+    lines += ["", versions_line([r for runs in groups.values() for r in runs]), ""]
 
     import matplotlib
     matplotlib.use("Agg")
@@ -127,9 +151,13 @@ def main():
                 if len(returns):
                     ax.plot(steps, moving_mean(returns), color=color, alpha=0.8, lw=1.2,
                             label=f"{algo} ({len(runs)} seed{'s' * (len(runs) > 1)})" if j == 0 else None)
+                eval_steps, _, eval_returns = r["eval_curve"]
+                if len(eval_returns):
+                    ax.plot(eval_steps, eval_returns, color=color, alpha=0.8, lw=1.0, ls="--", marker=".",
+                            label=f"{algo}, evaluation" if j == 0 else None)
         if env_id in THRESHOLDS:
             ax.axhline(THRESHOLDS[env_id], color="gray", ls="--", lw=0.8)
-        ax.set_title(f"{env_id}: 20-episode moving mean of the episodic return")
+        ax.set_title(f"{env_id}: 20-episode moving mean of the training return (dashed: evaluation)", fontsize=10)
         ax.set_xlabel("environment steps")
         ax.set_ylabel("return")
         ax.legend(loc="lower right", fontsize=8)

@@ -22,23 +22,25 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+DISAGREE = 1.3  # best / slowest trial above this: the trials disagree and the machine is not idle
 ALGOS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "algos")
 
 
-def matmul_rate(threads: int, n: int = 256, reps: int = 400, trials: int = 7) -> float:
+def matmul_rate(threads: int, n: int = 256, reps: int = 400, trials: int = 7) -> tuple:
     """FLOP/s of an n x n by n x n float32 product with `threads` threads: the best of
-    several trials, since a ceiling should not count the moments another process ran."""
+    several trials, since a ceiling should not count the moments another process ran, and
+    the slowest trial, to tell whether the trials agree."""
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(100):
         a @ b
-    best = float("inf")
+    times = []
     for _ in range(trials):
         start = time.perf_counter()
         for _ in range(reps):
             a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 * reps / best
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 * reps / min(times), 2 * n**3 * reps / max(times)
 
 
 def flops_per_step(name: str, updates: int = 400) -> float:
@@ -67,8 +69,16 @@ def main():
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--learning-starts", type=int, default=5_000)
     opts = parser.parse_args()
-    rates = {t: matmul_rate(t) for t in (1, 2)}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # before our own work adds to it
+    measured = {t: matmul_rate(t) for t in (1, 2)}
+    rates = {t: best for t, (best, _) in measured.items()}
     print(" ".join(f"{t} thread(s): {r / 1e9:.0f} GFLOP/s" for t, r in rates.items()) + " (256x256 products)")
+    for t, (best, worst) in measured.items():
+        if best > DISAGREE * worst:
+            print(f"warning: the {t}-thread trials disagree ({worst / 1e9:.0f} to {best / 1e9:.0f} GFLOP/s): another "
+                  "process is using the CPU, so these rates and ceilings are uncertain; run again on an idle machine")
+    if load > 0.5:
+        print(f"warning: load average {load:.1f} before the measurement: the machine is not idle")
     updates = opts.steps - opts.learning_starts
     for name in opts.scripts:
         flops = flops_per_step(name)
