@@ -358,10 +358,14 @@ def setup(args: Args, run_name: str):
     if len(run_name.encode()) > 255:
         fail(f"the run name {run_name[:40]}... is longer than the file system allows (255 bytes): "
              "shorten --exp-name")
-    try:
-        os.makedirs(run_dir)
-    except OSError as e:
-        fail(f"cannot create the run directory {run_dir}: {e.strerror}")
+    for attempt in range(2, 100):  # a run of the same name started in the same second: add -2, -3, ...
+        try:
+            os.makedirs(run_dir)
+            break
+        except FileExistsError:
+            run_dir = os.path.join("runs", f"{run_name}-{attempt}")
+        except OSError as e:
+            fail(f"cannot create the run directory {run_dir}: {e.strerror}")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -29,8 +29,15 @@ The γ^t factor makes (3) the exact gradient of the discounted objective, but it
 silences late steps; common practice (and the default here) drops it, `--gamma-t-weight`
 puts it back.
 
-Each update collects exactly one complete episode from each of the N vector envs; envs that
-finish early wait for the others (their autoreset steps are discarded and not counted).
+Each update uses exactly one complete episode from each of the N vector envs, all sampled
+from the same π_θ. A vector env steps all its envs together, so an env whose episode ends
+first goes on stepping, into a new episode, until the longest one ends. That unfinished
+episode is discarded, not carried into the next batch: its first actions came from a policy
+that the update has since changed, so it is no sample of the next π_θ and would bias (1).
+Its steps are env steps all the same: global_step and SPS count every `env.step` of every
+env, as in the other scripts. On CartPole-v1 at the defaults about 30% of the steps are
+discarded so (1.43 env steps per collected step over 300k steps, more early on, when the
+episodes' lengths differ most); `--num-envs 1` discards none, at one episode per update.
 
 Run:
     python algos/reinforce.py                        # CartPole-v1
@@ -38,9 +45,16 @@ Run:
     python algos/reinforce.py --help
 """
 
+import contextlib
+import copy
+import importlib.metadata
+import io
 import json
+import math
 import os
+import platform
 import random
+import signal
 import sys
 import time
 import warnings
@@ -78,13 +92,17 @@ class Args:
     """save the model to runs/<run>/reinforce.pt at the end (and on Ctrl-C)"""
     eval_checkpoint: Optional[str] = None
     """path of a saved model: evaluate it without learning, then exit"""
+    eval_frequency: int = 0
+    """evaluate the greedy policy on a separate env every this many env steps (0: never)"""
     eval_episodes: int = 10
-    """number of episodes for --eval-checkpoint"""
+    """episodes per evaluation (during training and for --eval-checkpoint)"""
+    torch_threads: int = 1
+    """CPU threads for torch (the 64x64 networks gain nothing from more)"""
 
     env_id: str = "CartPole-v1"
     """the gymnasium environment id (Discrete actions, vector observations)"""
     total_timesteps: int = 500_000
-    """total environment steps (of the collected episodes)"""
+    """total environment steps over all envs (discarded ones included)"""
     learning_rate: float = 1e-3
     """Adam learning rate of the policy"""
     num_envs: int = 8
@@ -99,10 +117,93 @@ class Args:
     """weight step t by γ^t as in the exact gradient (1)"""
 
 
+# The valid range of every numeric Arg, checked by check_args before anything is written:
+# "[" and "]" include an end, "(" and ")" exclude it. tests/test_args.py tries a value
+# outside each range and NaN on every numeric field of Args, so a new field needs a line here.
+ARG_RANGES = {
+    "seed": "[0, 4294967295]",  # what random, numpy and torch all accept
+    "eval_frequency": "[0, inf)",
+    "eval_episodes": "[1, inf)",
+    "torch_threads": "[1, 1024]",
+    "total_timesteps": "[1, inf)",
+    "learning_rate": "(0, inf)",
+    "num_envs": "[1, inf)",
+    "gamma": "[0, 1]",
+    "baseline_learning_rate": "(0, inf)",
+}
+PROGRESS_SECONDS = 10.0  # a progress line after the first second, then every this many seconds
+EVAL_SEED_OFFSET = 10_000  # the evaluation env's seed is args.seed + this: other starts than training's
+EXIT_CODES = {None: 0, "non-finite": 1, "interrupted": 130, "terminated": 143}  # as shells expect
+
+
 def fail(message: str):
     """Bad input: one clear line on stderr and exit code 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def parse_args() -> Args:
+    """The command line by tyro, whose boxed error message becomes one `error:` line."""
+    box = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(box):
+            return tyro.cli(Args)
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        lines = [line.strip(" -─│╭╮╰╯") for line in box.getvalue().splitlines()]
+        fail(next((line for line in lines[1:] if line), "cannot read the command line") + " (see --help)")
+
+
+def check_args(args: Args):
+    """Every numeric Arg finite and inside ARG_RANGES; --exp-name a plain directory name."""
+    for name, interval in ARG_RANGES.items():
+        value = getattr(args, name)
+        if value is None:  # an Optional Arg that is off
+            continue
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        inside = (low < value or (interval[0] == "[" and value == low)) and \
+                 (value < high or (interval[-1] == "]" and value == high))
+        if not (math.isfinite(value) and inside):
+            fail(f"--{name.replace('_', '-')} {value} is outside its valid range {interval}")
+    if not args.exp_name or ".." in args.exp_name or any(c in args.exp_name for c in "/\\\0"):
+        fail(f"--exp-name {args.exp_name!r} must be a plain name without '/', '\\' or '..' "
+             "(runs/ holds one directory per run)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption), handled like Ctrl-C."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+class NonFinite(Exception):
+    """A loss or parameter turned NaN or infinite: training stops."""
+
+
+def check_finite(global_step: int, losses: dict, *modules: nn.Module):
+    """Raise NonFinite naming the first non-finite loss or parameter."""
+    for name, value in losses.items():
+        if not math.isfinite(value):
+            raise NonFinite(f"{name} is {value} at step {global_step:,}")
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not torch.isfinite(p).all():
+                raise NonFinite(f"parameter {name} is not finite at step {global_step:,}")
+
+
+def versions() -> dict:
+    """The versions behind a figure: written to summary.json and the TensorBoard log."""
+    found = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+             "numpy": np.__version__}
+    for dist in ("mujoco", "ale-py"):
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
 
 
 def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
@@ -120,6 +221,9 @@ def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
 def check_env(env_id: str, capture_video: bool = False):
     """Refuse an unknown id, a wrong action/observation space or an env that cannot render
     (with --capture-video) before anything starts."""
+    if env_id.startswith("ALE/") or "NoFrameskip" in env_id:
+        fail(f"{env_id} is an Atari game (pixel observations); reinforce.py is for vector observations: "
+             "use algos/ppo_atari.py")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # only a probe: the run itself shows gymnasium's warnings
@@ -133,13 +237,14 @@ def check_env(env_id: str, capture_video: bool = False):
                 except Exception as e:
                     first_line = (str(e).splitlines() or [""])[0]
                     fail(f"--capture-video cannot render {env_id} ({type(e).__name__}: {first_line}); "
-                         "without a display, MuJoCo needs MUJOCO_GL=egl or MUJOCO_GL=osmesa")
+                         "without a display, run with MUJOCO_GL=egl")
     except gym.error.Error as e:
         fail(f"cannot make env {env_id!r}: {e} (try --env-id CartPole-v1)")
     act_space, obs_space = env.action_space, env.observation_space
     env.close()
     if isinstance(act_space, gym.spaces.Box):
-        fail(f"{env_id} has continuous (Box) actions; reinforce.py is for Discrete actions: use algos/ppo_continuous.py")
+        fail(f"{env_id} has continuous (Box) actions; reinforce.py is for Discrete actions: "
+             "use algos/ppo_continuous.py")
     if not isinstance(act_space, gym.spaces.Discrete):
         fail(f"{env_id} has {act_space} actions; reinforce.py needs a Discrete action space")
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
@@ -229,15 +334,28 @@ class Baseline(nn.Module):
 
 
 def setup(args: Args, run_name: str):
-    """Seeding, device and logging shared by training and evaluation."""
+    """Seeding, device, the run directory and logging, shared by training and evaluation."""
+    run_dir = os.path.join("runs", run_name)
+    if os.path.exists("runs") and not os.path.isdir("runs"):
+        fail("runs is a file, not a directory: move it away or start from another directory")
+    if len(run_name.encode()) > 255:
+        fail(f"the run name {run_name[:40]}... is longer than the file system allows (255 bytes): "
+             "shorten --exp-name")
+    for attempt in range(2, 100):  # a run of the same name started in the same second: add -2, -3, ...
+        try:
+            os.makedirs(run_dir)
+            break
+        except FileExistsError:
+            run_dir = os.path.join("runs", f"{run_name}-{attempt}")
+        except OSError as e:
+            fail(f"cannot create the run directory {run_dir}: {e.strerror}")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if device.type == "cpu":
-        torch.set_num_threads(1)  # tiny networks: threads cost more than they give
-    run_dir = os.path.join("runs", run_name)
+        torch.set_num_threads(args.torch_threads)
     if args.track:
         try:
             import wandb
@@ -246,8 +364,35 @@ def setup(args: Args, run_name: str):
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=asdict(args), name=run_name, save_code=True)
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    table = {**asdict(args), **{f"version/{k}": v for k, v in versions().items()}}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in table.items()))
     return device, run_dir, writer
+
+
+def evaluate_policy(act, env, episodes: int, seed: int) -> list:
+    """Returns of `episodes` episodes of the deterministic policy `act` (one observation to one
+    action), the env reset with `seed` first so that every evaluation starts from the same states."""
+    returns = []
+    obs, _ = env.reset(seed=seed)
+    while len(returns) < episodes:
+        obs, _, terminated, truncated, info = env.step(act(obs))
+        if terminated or truncated:
+            returns.append(float(info["episode"]["r"]))
+            obs, _ = env.reset()
+    return returns
+
+
+def write_summary(run_dir: str, summary: dict) -> dict:
+    """summary.json. JSON has no NaN: a non-finite number is written as null and its key listed
+    under `non_finite` (the reason is in `stopped` / `stop_reason`)."""
+    bad = [k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)]
+    summary = {k: None if k in bad else v for k, v in summary.items()}
+    if bad:
+        summary["non_finite"] = bad
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, allow_nan=False)
+    print(f"run directory: {run_dir} (summary.json, TensorBoard log)", flush=True)
+    return summary
 
 
 def evaluate(args: Args) -> dict:
@@ -260,61 +405,59 @@ def evaluate(args: Args) -> dict:
         fail(f"cannot read {args.eval_checkpoint} as a checkpoint ({type(e).__name__})")
     saved_by = ckpt.get("algorithm") if isinstance(ckpt, dict) else None
     if saved_by != "reinforce":
-        fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not reinforce.py: evaluate it with the script that saved it")
+        fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not reinforce.py: "
+             "evaluate it with the script that saved it")
     args.env_id = ckpt["args"]["env_id"]
     check_env(args.env_id, args.capture_video)
-    if args.eval_episodes <= 0:
-        fail(f"--eval-episodes must be positive, got {args.eval_episodes}")
-    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
     device, run_dir, writer = setup(args, run_name)
     env = make_env(args.env_id, 0, args.capture_video, run_dir)()
     policy = Policy(env.observation_space.shape[0], env.action_space.n).to(device)
     policy.load_state_dict(ckpt["model"])
-    returns = []
-    obs, _ = env.reset(seed=args.seed)
-    while len(returns) < args.eval_episodes:
-        with torch.inference_mode():
-            action = policy.logits(torch.as_tensor(obs, dtype=torch.float32, device=device)).argmax().item()
-        obs, _, terminated, truncated, info = env.step(action)
-        if terminated or truncated:
-            returns.append(float(info["episode"]["r"]))
-            writer.add_scalar("eval/episodic_return", returns[-1], len(returns))
-            obs, _ = env.reset()
+    logits = numpy_mlp(policy.logits)
+    returns = evaluate_policy(lambda o: int(logits(o).argmax()), env, args.eval_episodes, args.seed)
+    for i, r in enumerate(returns):
+        writer.add_scalar("eval/episodic_return", r, i + 1)
     env.close()
     writer.close()
-    summary = dict(env_id=args.env_id, algorithm="reinforce", mode="eval", seed=args.seed, checkpoint=args.eval_checkpoint,
-                   episodes=len(returns), mean_return=float(np.mean(returns)), std_return=float(np.std(returns)))
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"eval {args.env_id}: mean return {summary['mean_return']:.2f} ± {summary['std_return']:.2f} over {len(returns)} episodes")
-    return summary
+    summary = dict(env_id=args.env_id, algorithm="reinforce", mode="eval", seed=args.seed,
+                   checkpoint=args.eval_checkpoint, episodes=len(returns), mean_return=float(np.mean(returns)),
+                   std_return=float(np.std(returns)), stopped=None, versions=versions(), run_dir=run_dir)
+    print(f"eval {args.env_id}: mean return {summary['mean_return']:.2f} ± {summary['std_return']:.2f} "
+          f"over {len(returns)} episodes")
+    return write_summary(run_dir, summary)
 
 
 def train(args: Args) -> dict:
+    check_args(args)
     if args.eval_checkpoint:
         return evaluate(args)
-    if min(args.total_timesteps, args.num_envs) <= 0:
-        fail("--total-timesteps and --num-envs must be positive")
     check_env(args.env_id, args.capture_video)
 
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     device, run_dir, writer = setup(args, run_name)
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_dir) for i in range(args.num_envs)])
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_dir)
+                                     for i in range(args.num_envs)])
     envs.action_space.seed(args.seed)
+    eval_env = make_env(args.env_id, -1, False, run_dir)() if args.eval_frequency else None
     obs_dim, n_actions, N = envs.single_observation_space.shape[0], envs.single_action_space.n, args.num_envs
+    fused = True if device.type in ("cpu", "cuda") else None
     policy = Policy(obs_dim, n_actions).to(device)
-    rng = np.random.default_rng(args.seed)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=fused)
+    baseline = Baseline(obs_dim).to(device) if args.baseline else None
     if args.baseline:
-        baseline = Baseline(obs_dim).to(device)
-        baseline_optimizer = torch.optim.Adam(baseline.parameters(), lr=args.baseline_learning_rate)
+        baseline_optimizer = torch.optim.Adam(baseline.parameters(), lr=args.baseline_learning_rate, fused=fused)
+    rng = np.random.default_rng(args.seed)
 
     global_step, start_time, iteration = 0, time.time(), 0
+    next_progress, next_eval = start_time + 1.0, args.eval_frequency
     recent_returns = deque(maxlen=20)
-    episodes = 0
+    episodes, last_eval = 0, None
+    # saved instead of the models if training turns non-finite
+    last_finite = copy.deepcopy((policy.state_dict(), baseline.state_dict() if args.baseline else None))
     next_obs, _ = envs.reset(seed=args.seed)
-    last_print = 0
-    interrupted = False
+    stopped = stop_reason = None
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         while global_step < args.total_timesteps:
             iteration += 1
@@ -331,7 +474,7 @@ def train(args: Args) -> dict:
                 action = (logits_fn(next_obs) + rng.gumbel(size=(N, n_actions))).argmax(-1)
                 next_obs, reward, term, trunc, infos = envs.step(action)
                 actions.append(action), rewards.append(reward), terminations.append(term), truncations.append(trunc)
-                global_step += int(alive.sum())
+                global_step += N  # every env stepped, also those whose episode is over (their steps are discarded)
                 if "episode" in infos:
                     for i in np.flatnonzero(infos["_episode"] & alive):
                         r, length = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
@@ -343,7 +486,8 @@ def train(args: Args) -> dict:
             obs.append(next_obs)  # row T: the final observation of the longest episode
 
             all_obs = torch.as_tensor(np.stack(obs), dtype=torch.float32, device=device)  # [T + 1, N, obs_dim]
-            rewards, terminations, truncations = (np.stack(x).astype(np.float32) for x in (rewards, terminations, truncations))
+            rewards, terminations, truncations = (np.stack(x).astype(np.float32)
+                                                  for x in (rewards, terminations, truncations))
             valid = torch.as_tensor(np.stack(alive_rows), device=device)  # steps of the collected episodes
             values = baseline(all_obs) if args.baseline else None  # V(s_0) .. V(s_T)
             returns = reward_to_go(rewards, terminations, truncations, args.gamma,
@@ -351,29 +495,50 @@ def train(args: Args) -> dict:
             returns = torch.as_tensor(returns, device=device)
             weights = returns - values[:-1].detach() if args.baseline else returns  # G_t - b(s_t)
             if args.gamma_t_weight:
-                weights = weights * args.gamma ** torch.arange(len(weights), device=device, dtype=torch.float32)[:, None]  # γ^t of (1)
+                t = torch.arange(len(weights), device=device, dtype=torch.float32)[:, None]
+                weights = weights * args.gamma ** t  # γ^t of (1)
             log_prob = policy.log_prob(all_obs[:-1][valid], torch.as_tensor(np.stack(actions), device=device)[valid])
             pg_loss = -(weights[valid] * log_prob).mean()  # (3), or (4) with the baseline
             optimizer.zero_grad(set_to_none=True)
             pg_loss.backward()
             optimizer.step()
-            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+            losses = {"losses/policy_loss": pg_loss.item()}
             if args.baseline:
                 v_loss = 0.5 * ((returns - values[:-1])[valid] ** 2).mean()  # (5)
                 baseline_optimizer.zero_grad(set_to_none=True)
                 v_loss.backward()
                 baseline_optimizer.step()
-                writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+                losses["losses/value_loss"] = v_loss.item()
+            check_finite(global_step, losses, policy, *([baseline] if args.baseline else []))
+            last_finite = copy.deepcopy((policy.state_dict(), baseline.state_dict() if args.baseline else None))
+            sps = int(global_step / (time.time() - start_time))
+            for key, value in losses.items():
+                writer.add_scalar(key, value, global_step)
+            writer.add_scalar("charts/SPS", sps, global_step)
 
-            if global_step - last_print >= args.total_timesteps / 20 or global_step >= args.total_timesteps:
-                last_print = global_step
-                sps = int(global_step / (time.time() - start_time))
-                writer.add_scalar("charts/SPS", sps, global_step)
+            if args.eval_frequency and global_step >= next_eval:
+                logits = numpy_mlp(policy.logits)
+                eval_returns = evaluate_policy(lambda o: int(logits(o).argmax()), eval_env, args.eval_episodes,
+                                               args.seed + EVAL_SEED_OFFSET)
+                last_eval = (global_step, float(np.mean(eval_returns)))
+                writer.add_scalar("eval/episodic_return", last_eval[1], global_step)
+                next_eval = (global_step // args.eval_frequency + 1) * args.eval_frequency
+            if time.time() >= next_progress:
                 mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
-                print(f"step {global_step:>9,}  SPS {sps:>6,}  return(last 20) {mean_ret:8.2f}", flush=True)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"interrupted at step {global_step:,}; closing logs", file=sys.stderr)
+                print(f"step {global_step:>11,}  SPS {sps:>6,}  return(last 20) {mean_ret:8.2f}", flush=True)
+                next_progress = time.time() + PROGRESS_SECONDS
+    except KeyboardInterrupt as e:
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        stop_reason = f"{'SIGTERM' if stopped == 'terminated' else 'Ctrl-C'} at step {global_step:,}"
+    except NonFinite as e:
+        stopped, stop_reason = "non-finite", str(e)
+        policy.load_state_dict(last_finite[0])
+        if args.baseline:
+            baseline.load_state_dict(last_finite[1])
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+    if stopped:
+        print(f"stopped: {stop_reason}", file=sys.stderr)
 
     if args.save_model:
         path = os.path.join(run_dir, "reinforce.pt")
@@ -381,16 +546,19 @@ def train(args: Args) -> dict:
                     "baseline": baseline.state_dict() if args.baseline else None}, path)
         print(f"model saved to {path}")
     envs.close()
+    if eval_env is not None:
+        eval_env.close()
     writer.close()
     wall = time.time() - start_time
+    eval_step, eval_return = last_eval or (None, None)
     summary = dict(env_id=args.env_id, algorithm="reinforce", exp_name=args.exp_name, seed=args.seed,
                    global_step=global_step, wall_seconds=wall, SPS=global_step / wall,
                    mean_return=float(np.mean(recent_returns)) if recent_returns else None,
-                   episodes_in_mean=len(recent_returns), episodes=episodes, interrupted=interrupted, run_dir=run_dir)
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+                   episodes_in_mean=len(recent_returns), episodes=episodes,
+                   eval_step=eval_step, eval_return=eval_return,
+                   stopped=stopped, stop_reason=stop_reason, versions=versions(), run_dir=run_dir)
+    return write_summary(run_dir, summary)
 
 
 if __name__ == "__main__":
-    train(tyro.cli(Args))
+    sys.exit(EXIT_CODES[train(parse_args())["stopped"]])
