@@ -52,7 +52,8 @@ $$ G_t = \gamma G_{t-1}(1 - d_{t-1}) + r_t, \qquad
 Both statistics live in this script (not in per-env gymnasium wrappers). They are updated
 from the vector env's batches: the observations every step, before that step's batch is
 normalised; the returns G once per rollout, before the rollout's rewards are scaled. They
-are saved with the model and reused, frozen, by --eval-checkpoint. `RecordEpisodeStatistics`
+are saved with the model and reused, frozen, by --eval-checkpoint; --eval-frequency's
+evaluations read the current statistics without updating them. `RecordEpisodeStatistics`
 sits inside, so the logged episodic returns are the raw, unscaled ones.
 
 Actions: the sampled, unclipped a_t and its log-probability are stored and learned from;
@@ -74,10 +75,16 @@ Defaults are CleanRL's continuous-control settings: 1 env × 2048 steps, lr 3e-4
 10 epochs of 32 minibatches, ε = 0.2, no entropy bonus, 64×64 tanh networks.
 """
 
+import contextlib
+import copy
+import importlib.metadata
+import io
 import json
 import math
 import os
+import platform
 import random
+import signal
 import sys
 import time
 import warnings
@@ -112,11 +119,15 @@ class Args:
     capture_video: bool = False
     """record videos of environment 0 into the run directory"""
     save_model: bool = False
-    """save the model and normalisation statistics to runs/<run>/ppo_continuous.pt at the end (and on Ctrl-C)"""
+    """save the model and its normalisation statistics to runs/<run>/ppo_continuous.pt at the end (and on Ctrl-C)"""
     eval_checkpoint: Optional[str] = None
-    """path of a saved model: evaluate it (mean action, frozen statistics) without learning, then exit"""
+    """path of a saved model: evaluate it (mean action, its saved statistics) without learning, then exit"""
+    eval_frequency: int = 0
+    """evaluate the mean action on a separate env every this many env steps (0: never)"""
     eval_episodes: int = 10
-    """number of episodes for --eval-checkpoint"""
+    """episodes per evaluation (during training and for --eval-checkpoint)"""
+    torch_threads: int = 1
+    """CPU threads for torch (the 64x64 networks gain nothing from more)"""
 
     env_id: str = "Hopper-v4"
     """the gymnasium environment id (Box actions, vector observations)"""
@@ -135,7 +146,7 @@ class Args:
     gae_lambda: float = 0.95
     """GAE λ in (4)"""
     num_minibatches: int = 32
-    """minibatches per epoch (must divide num_envs * num_steps)"""
+    """minibatches per epoch (each of at least 2 samples)"""
     update_epochs: int = 10
     """epochs over each rollout"""
     norm_adv: bool = True
@@ -162,10 +173,103 @@ class Args:
     """clip scaled rewards to ±c_r in (10)"""
 
 
+# The valid range of every numeric Arg, checked by check_args before anything is written:
+# "[" and "]" include an end, "(" and ")" exclude it. tests/test_args.py tries a value
+# outside each range and NaN on every numeric field of Args, so a new field needs a line here.
+ARG_RANGES = {
+    "seed": "[0, 4294967295]",  # what random, numpy and torch all accept
+    "eval_frequency": "[0, inf)",
+    "eval_episodes": "[1, inf)",
+    "torch_threads": "[1, 1024]",
+    "total_timesteps": "[1, inf)",
+    "learning_rate": "(0, inf)",
+    "num_envs": "[1, inf)",
+    "num_steps": "[1, inf)",
+    "gamma": "[0, 1]",
+    "gae_lambda": "[0, 1]",
+    "num_minibatches": "[1, inf)",
+    "update_epochs": "[1, inf)",
+    "clip_coef": "(0, inf)",
+    "ent_coef": "[0, inf)",
+    "vf_coef": "[0, inf)",
+    "max_grad_norm": "(0, inf)",
+    "target_kl": "(0, inf)",
+    "clip_obs": "(0, inf)",
+    "clip_reward": "(0, inf)",
+}
+PROGRESS_SECONDS = 10.0  # a progress line after the first second, then every this many seconds
+EVAL_SEED_OFFSET = 10_000  # the evaluation env's seed is args.seed + this: other starts than training's
+EXIT_CODES = {None: 0, "non-finite": 1, "interrupted": 130, "terminated": 143}  # as shells expect
+
+
 def fail(message: str):
     """Bad input: one clear line on stderr and exit code 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def parse_args() -> Args:
+    """The command line by tyro, whose boxed error message becomes one `error:` line."""
+    box = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(box):
+            return tyro.cli(Args)
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        lines = [line.strip(" -─│╭╮╰╯") for line in box.getvalue().splitlines()]
+        fail(next((line for line in lines[1:] if line), "cannot read the command line") + " (see --help)")
+
+
+def check_args(args: Args):
+    """Every numeric Arg finite and inside ARG_RANGES; --exp-name a plain directory name."""
+    for name, interval in ARG_RANGES.items():
+        value = getattr(args, name)
+        if value is None:  # an Optional Arg that is off
+            continue
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        inside = (low < value or (interval[0] == "[" and value == low)) and \
+                 (value < high or (interval[-1] == "]" and value == high))
+        if not (math.isfinite(value) and inside):
+            fail(f"--{name.replace('_', '-')} {value} is outside its valid range {interval}")
+    if not args.exp_name or ".." in args.exp_name or any(c in args.exp_name for c in "/\\\0"):
+        fail(f"--exp-name {args.exp_name!r} must be a plain name without '/', '\\' or '..' "
+             "(runs/ holds one directory per run)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption), handled like Ctrl-C."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+class NonFinite(Exception):
+    """A loss or parameter turned NaN or infinite: training stops."""
+
+
+def check_finite(global_step: int, losses: dict, *modules: nn.Module):
+    """Raise NonFinite naming the first non-finite loss or parameter."""
+    for name, value in losses.items():
+        if not math.isfinite(value):
+            raise NonFinite(f"{name} is {value} at step {global_step:,}")
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not torch.isfinite(p).all():
+                raise NonFinite(f"parameter {name} is not finite at step {global_step:,}")
+
+
+def versions() -> dict:
+    """The versions behind a figure: written to summary.json and the TensorBoard log."""
+    found = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+             "numpy": np.__version__}
+    for dist in ("mujoco", "ale-py"):
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
 
 
 def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
@@ -183,6 +287,9 @@ def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
 def check_env(env_id: str, capture_video: bool = False):
     """Refuse an unknown id, a wrong action/observation space or an env that cannot render
     (with --capture-video) before anything starts."""
+    if env_id.startswith("ALE/") or "NoFrameskip" in env_id:
+        fail(f"{env_id} is an Atari game (pixel observations); ppo_continuous.py is for vector observations: "
+             "use algos/ppo_atari.py")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # only a probe: the run itself shows gymnasium's warnings
@@ -196,7 +303,7 @@ def check_env(env_id: str, capture_video: bool = False):
                 except Exception as e:
                     first_line = (str(e).splitlines() or [""])[0]
                     fail(f"--capture-video cannot render {env_id} ({type(e).__name__}: {first_line}); "
-                         "without a display, MuJoCo needs MUJOCO_GL=egl or MUJOCO_GL=osmesa")
+                         "without a display, run with MUJOCO_GL=egl")
     except gym.error.Error as e:
         fail(f"cannot make env {env_id!r}: {e} (try --env-id Hopper-v4)")
     act_space, obs_space = env.action_space, env.observation_space
@@ -322,9 +429,9 @@ class Agent(nn.Module):
         )
         self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))  # σ of (1), state-independent
 
-    def evaluate(self, obs, actions):
-        """log π(a|s) of (1) and V(s) for a batch."""
-        return gaussian_log_prob(actions, self.actor_mean(obs), self.actor_logstd), self.critic(obs).squeeze(-1)
+    def policy(self, obs, actions):
+        """log π(a|s) of (1) for a batch."""
+        return gaussian_log_prob(actions, self.actor_mean(obs), self.actor_logstd)
 
     def entropy(self):
         """H(π(·|s)) of (1): the same for every s, as σ does not depend on the state."""
@@ -332,15 +439,28 @@ class Agent(nn.Module):
 
 
 def setup(args: Args, run_name: str):
-    """Seeding, device and logging shared by training and evaluation."""
+    """Seeding, device, the run directory and logging, shared by training and evaluation."""
+    run_dir = os.path.join("runs", run_name)
+    if os.path.exists("runs") and not os.path.isdir("runs"):
+        fail("runs is a file, not a directory: move it away or start from another directory")
+    if len(run_name.encode()) > 255:
+        fail(f"the run name {run_name[:40]}... is longer than the file system allows (255 bytes): "
+             "shorten --exp-name")
+    for attempt in range(2, 100):  # a run of the same name started in the same second: add -2, -3, ...
+        try:
+            os.makedirs(run_dir)
+            break
+        except FileExistsError:
+            run_dir = os.path.join("runs", f"{run_name}-{attempt}")
+        except OSError as e:
+            fail(f"cannot create the run directory {run_dir}: {e.strerror}")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if device.type == "cpu":
-        torch.set_num_threads(1)  # tiny networks: threads cost more than they give
-    run_dir = os.path.join("runs", run_name)
+        torch.set_num_threads(args.torch_threads)
     if args.track:
         try:
             import wandb
@@ -349,12 +469,40 @@ def setup(args: Args, run_name: str):
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=asdict(args), name=run_name, save_code=True)
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    table = {**asdict(args), **{f"version/{k}": v for k, v in versions().items()}}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in table.items()))
     return device, run_dir, writer
 
 
+def evaluate_policy(act, env, episodes: int, seed: int) -> list:
+    """Returns of `episodes` episodes of the deterministic policy `act` (one observation to one
+    action), the env reset with `seed` first so that every evaluation starts from the same states."""
+    returns = []
+    obs, _ = env.reset(seed=seed)
+    while len(returns) < episodes:
+        obs, _, terminated, truncated, info = env.step(act(obs))
+        if terminated or truncated:
+            returns.append(float(info["episode"]["r"]))
+            obs, _ = env.reset()
+    return returns
+
+
+def write_summary(run_dir: str, summary: dict) -> dict:
+    """summary.json. JSON has no NaN: a non-finite number is written as null and its key listed
+    under `non_finite` (the reason is in `stopped` / `stop_reason`)."""
+    bad = [k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)]
+    summary = {k: None if k in bad else v for k, v in summary.items()}
+    if bad:
+        summary["non_finite"] = bad
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, allow_nan=False)
+    print(f"run directory: {run_dir} (summary.json, TensorBoard log)", flush=True)
+    return summary
+
+
 def evaluate(args: Args) -> dict:
-    """--eval-checkpoint: act with the mean action, observations normalised by the saved (frozen) statistics."""
+    """--eval-checkpoint: the mean action of a saved model, observations normalised by its saved statistics
+    (frozen), no learning."""
     if not os.path.isfile(args.eval_checkpoint):
         fail(f"no checkpoint at {args.eval_checkpoint}")
     try:
@@ -363,13 +511,12 @@ def evaluate(args: Args) -> dict:
         fail(f"cannot read {args.eval_checkpoint} as a checkpoint ({type(e).__name__})")
     saved_by = ckpt.get("algorithm") if isinstance(ckpt, dict) else None
     if saved_by != "ppo_continuous":
-        fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not ppo_continuous.py: evaluate it with the script that saved it")
+        fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not ppo_continuous.py: "
+             "evaluate it with the script that saved it")
     saved = ckpt["args"]
     args.env_id = saved["env_id"]
     check_env(args.env_id, args.capture_video)
-    if args.eval_episodes <= 0:
-        fail(f"--eval-episodes must be positive, got {args.eval_episodes}")
-    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
     device, run_dir, writer = setup(args, run_name)
     env = make_env(args.env_id, 0, args.capture_video, run_dir)()
     low, high = env.action_space.low, env.action_space.high
@@ -377,65 +524,67 @@ def evaluate(args: Args) -> dict:
     agent.load_state_dict(ckpt["model"])
     obs_rms = RunningMeanStd(env.observation_space.shape)
     obs_rms.load_state_dict(ckpt["obs_rms"])
+    mean_fn = numpy_mlp(agent.actor_mean)
 
-    def prepare(o):
-        return normalize_obs(o, obs_rms, saved["clip_obs"]) if saved["norm_obs"] else o.astype(np.float32)
+    def act(o):
+        o = normalize_obs(o, obs_rms, saved["clip_obs"]) if saved["norm_obs"] else o.astype(np.float32)
+        return mean_fn(o).clip(low, high)
 
-    returns = []
-    obs, _ = env.reset(seed=args.seed)
-    while len(returns) < args.eval_episodes:
-        with torch.inference_mode():
-            action = agent.actor_mean(torch.as_tensor(prepare(obs), device=device)).cpu().numpy()
-        obs, _, terminated, truncated, info = env.step(np.clip(action, low, high))
-        if terminated or truncated:
-            returns.append(float(info["episode"]["r"]))
-            writer.add_scalar("eval/episodic_return", returns[-1], len(returns))
-            obs, _ = env.reset()
+    returns = evaluate_policy(act, env, args.eval_episodes, args.seed)
+    for i, r in enumerate(returns):
+        writer.add_scalar("eval/episodic_return", r, i + 1)
     env.close()
     writer.close()
-    summary = dict(env_id=args.env_id, algorithm="ppo_continuous", mode="eval", seed=args.seed, checkpoint=args.eval_checkpoint,
-                   episodes=len(returns), mean_return=float(np.mean(returns)), std_return=float(np.std(returns)))
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"eval {args.env_id}: mean return {summary['mean_return']:.2f} ± {summary['std_return']:.2f} over {len(returns)} episodes")
-    return summary
+    summary = dict(env_id=args.env_id, algorithm="ppo_continuous", mode="eval", seed=args.seed,
+                   checkpoint=args.eval_checkpoint, episodes=len(returns), mean_return=float(np.mean(returns)),
+                   std_return=float(np.std(returns)), stopped=None, versions=versions(), run_dir=run_dir)
+    print(f"eval {args.env_id}: mean return {summary['mean_return']:.2f} ± {summary['std_return']:.2f} "
+          f"over {len(returns)} episodes")
+    return write_summary(run_dir, summary)
 
 
 def train(args: Args) -> dict:
+    check_args(args)
     if args.eval_checkpoint:
         return evaluate(args)
     batch_size = args.num_envs * args.num_steps
-    if min(args.total_timesteps, args.num_envs, args.num_steps, args.num_minibatches, args.update_epochs) <= 0:
-        fail("--total-timesteps, --num-envs, --num-steps, --num-minibatches and --update-epochs must be positive")
-    if min(args.clip_obs, args.clip_reward) <= 0:
-        fail("--clip-obs and --clip-reward must be positive")
-    if batch_size % args.num_minibatches:
-        fail(f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} "
-             f"(num_envs {args.num_envs} × num_steps {args.num_steps}); pick a divisor of {batch_size}")
+    if batch_size // args.num_minibatches < 2:
+        fail(f"--num-minibatches {args.num_minibatches} leaves minibatches of fewer than 2 samples (batch of "
+             f"{batch_size} = num_envs {args.num_envs} × num_steps {args.num_steps}); use at most {batch_size // 2}")
     num_iterations = args.total_timesteps // batch_size
     if num_iterations == 0:
-        fail(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size}; raise it or shrink the batch")
+        fail(f"--total-timesteps {args.total_timesteps} is less than one batch of {batch_size}; "
+             "raise it or shrink the batch")
     check_env(args.env_id, args.capture_video)
 
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     device, run_dir, writer = setup(args, run_name)
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_dir) for i in range(args.num_envs)])
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_dir)
+                                     for i in range(args.num_envs)])
     envs.action_space.seed(args.seed)
+    eval_env = make_env(args.env_id, -1, False, run_dir)() if args.eval_frequency else None
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     low, high = envs.single_action_space.low, envs.single_action_space.high  # the env's bounds, not ±1
     agent = Agent(obs_dim, act_dim).to(device)
-    params = list(agent.parameters())  # listed once: agent.parameters() walks the modules on every call
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5,
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5,
                                  fused=True if device.type in ("cpu", "cuda") else None)
     rng = np.random.default_rng(args.seed)
     obs_rms, return_rms = RunningMeanStd((obs_dim,)), RunningMeanStd()
 
+    def normalized(raw_obs):
+        """(9) by the current statistics, which it leaves as they are (float32 either way)."""
+        return normalize_obs(raw_obs, obs_rms, args.clip_obs) if args.norm_obs else raw_obs.astype(np.float32)
+
     def prepare(raw_obs):
-        """(9): update the statistics with this batch, then normalise it (float32 either way)."""
-        if not args.norm_obs:
-            return raw_obs.astype(np.float32)
-        obs_rms.update(raw_obs)
-        return normalize_obs(raw_obs, obs_rms, args.clip_obs)
+        """(9) for the envs being learned from: update the statistics with this batch, then normalise it."""
+        if args.norm_obs:
+            obs_rms.update(raw_obs)
+        return normalized(raw_obs)
+
+    def snapshot():
+        """What --save-model saves and a non-finite stop restores: the model and the statistics it was trained on."""
+        return copy.deepcopy({"model": agent.state_dict(), "obs_rms": obs_rms.state_dict(),
+                              "return_rms": return_rms.state_dict()})
 
     # Rollout storage on the host (the envs live there); one copy to `device` per iteration.
     T, N = args.num_steps, args.num_envs
@@ -448,13 +597,15 @@ def train(args: Args) -> dict:
     carried_return = np.zeros(N)  # G of (10) at the end of the last rollout, 0 where an episode ended
 
     global_step, start_time = 0, time.time()
+    next_progress, next_eval = start_time + 1.0, args.eval_frequency
     recent_returns = deque(maxlen=20)
-    episodes = 0
+    episodes, last_eval = 0, None
     raw_obs, _ = envs.reset(seed=args.seed)
     next_obs = prepare(raw_obs)
     next_done = np.zeros(N, dtype=bool)
-    log_every = max(1, num_iterations // 20)
-    interrupted = False
+    last_finite = snapshot()  # saved instead of the model if training turns non-finite
+    stopped = stop_reason = None
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         for iteration in range(1, num_iterations + 1):
             if args.anneal_lr:
@@ -484,45 +635,48 @@ def train(args: Args) -> dict:
                 discounted = discounted_returns(rewards, dones, carried_return, args.gamma)
                 carried_return = discounted[-1] * (1.0 - dones[-1])
                 return_rms.update(discounted[~resets])
-                rewards[:] = np.clip(rewards / np.sqrt(return_rms.var + 1e-8), -args.clip_reward, args.clip_reward)  # (10)
+                scale = np.sqrt(return_rms.var + 1e-8)
+                rewards[:] = np.clip(rewards / scale, -args.clip_reward, args.clip_reward)  # (10)
 
             # One batched pass for V(s_0..s_T) and log π_old(a|s) of the whole rollout.
+            all_obs = torch.as_tensor(np.concatenate([obs, next_obs[None]]), device=device)
+            b_obs = all_obs[:-1].reshape(-1, obs_dim)
+            b_actions = torch.as_tensor(actions, device=device).reshape(-1, act_dim)
             with torch.inference_mode():
-                all_obs = torch.as_tensor(np.concatenate([obs, next_obs[None]]), device=device)
-                b_obs = all_obs[:-1].reshape(-1, obs_dim)
-                b_actions = torch.as_tensor(actions, device=device).reshape(-1, act_dim)
-                b_logprobs = agent.evaluate(b_obs, b_actions)[0]
                 values = agent.critic(all_obs).squeeze(-1)
+                b_logprobs = agent.policy(b_obs, b_actions)
             b_values = values[:-1].reshape(-1)
-            advantages = gae(rewards, values.cpu().numpy(), terminations, truncations, args.gamma, args.gae_lambda)
-            b_advantages = torch.as_tensor(advantages.reshape(-1), device=device)
-            b_returns = b_advantages + b_values  # (4)
+            values = values.cpu().numpy()
+            advantages = gae(rewards, values, terminations, truncations, args.gamma, args.gae_lambda)
+            returns = advantages + values[:-1]  # (4)
 
             valid = np.flatnonzero(~resets.reshape(-1))  # reset rows hold no transition
-            # One gather per epoch; its minibatches are then views.
-            b_data = torch.stack([b_logprobs, b_advantages, b_returns, b_values], 1)
-            log_ratios, approx_kls = [], []
+            b_advantages = torch.as_tensor(advantages.reshape(-1), device=device)
+            b_returns = torch.as_tensor(returns.reshape(-1), device=device)
+
+            clipfracs, approx_kls = [], []
             for epoch in range(args.update_epochs):
-                perm = torch.as_tensor(rng.permutation(valid), device=device)
-                for mb_obs, mb_actions, mb_data in zip(b_obs[perm].tensor_split(args.num_minibatches),
-                                                       b_actions[perm].tensor_split(args.num_minibatches),
-                                                       b_data[perm].tensor_split(args.num_minibatches)):
-                    if len(mb_data) == 0:  # only when reset rows leave fewer samples than minibatches
+                epoch_log_ratios = []
+                for mb in np.array_split(rng.permutation(valid), args.num_minibatches):
+                    if len(mb) == 0:  # only when reset rows leave fewer samples than minibatches
                         continue
-                    old_logprob, mb_adv, mb_returns, old_value = mb_data.unbind(1)
-                    new_logprob, new_value = agent.evaluate(mb_obs, mb_actions)
-                    log_ratio = new_logprob - old_logprob
+                    mb = torch.as_tensor(mb, device=device)
+                    new_logprob = agent.policy(b_obs[mb], b_actions[mb])
+                    new_value = agent.critic(b_obs[mb]).squeeze(-1)
+                    log_ratio = new_logprob - b_logprobs[mb]
                     ratio = log_ratio.exp()  # (2)
-                    log_ratios.append(log_ratio.detach())
+                    epoch_log_ratios.append(log_ratio.detach())
 
-                    if args.norm_adv:
+                    mb_adv = b_advantages[mb]
+                    if args.norm_adv and len(mb) > 1:  # one sample has no spread to normalise by
                         mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                    pg_loss = -torch.min(mb_adv * ratio, mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()  # (5)
+                    pg_loss = torch.max(-mb_adv * ratio,
+                                        -mb_adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()  # (5)
 
-                    v_loss_unclipped = (new_value - mb_returns) ** 2
+                    v_loss_unclipped = (new_value - b_returns[mb]) ** 2
                     if args.clip_vloss:
-                        v_clipped = old_value + (new_value - old_value).clamp(-args.clip_coef, args.clip_coef)
-                        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - mb_returns) ** 2).mean()  # (6)
+                        v_clipped = b_values[mb] + (new_value - b_values[mb]).clamp(-args.clip_coef, args.clip_coef)
+                        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - b_returns[mb]) ** 2).mean()  # (6)
                     else:
                         v_loss = 0.5 * v_loss_unclipped.mean()
                     loss = pg_loss + args.vf_coef * v_loss  # (7)
@@ -531,32 +685,53 @@ def train(args: Args) -> dict:
 
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
+                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
                     optimizer.step()
-                log_ratio = torch.cat(log_ratios[-args.num_minibatches:])
+                log_ratio = torch.cat(epoch_log_ratios)  # this epoch's minibatches only
                 approx_kls.append(((log_ratio.exp() - 1) - log_ratio).mean())
+                clipfracs.append(((log_ratio.exp() - 1).abs() > args.clip_coef).float().mean())
                 if args.target_kl is not None and approx_kls[-1].item() > args.target_kl:
                     break
 
+            losses = {"losses/value_loss": v_loss.item(), "losses/policy_loss": pg_loss.item(),
+                      "losses/entropy": agent.entropy().item(),
+                      "losses/approx_kl": torch.stack(approx_kls).mean().item(),
+                      "losses/clipfrac": torch.stack(clipfracs).mean().item()}
+            check_finite(global_step, losses, agent)
+            last_finite = snapshot()
             y_pred, y_true = b_values[valid], b_returns[valid]
             var_y = y_true.var()
             explained_var = float("nan") if var_y == 0 else (1 - (y_true - y_pred).var() / var_y).item()
             sps = int(global_step / (time.time() - start_time))
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-            writer.add_scalar("losses/entropy", agent.entropy().item(), global_step)
-            writer.add_scalar("losses/approx_kl", torch.stack(approx_kls).mean().item(), global_step)
-            clipfrac = ((torch.cat(log_ratios).exp() - 1).abs() > args.clip_coef).float().mean().item()
-            writer.add_scalar("losses/clipfrac", clipfrac, global_step)
+            for key, value in losses.items():
+                writer.add_scalar(key, value, global_step)
             writer.add_scalar("losses/explained_variance", explained_var, global_step)
             writer.add_scalar("charts/SPS", sps, global_step)
-            if iteration % log_every == 0 or iteration == num_iterations:
+
+            if args.eval_frequency and global_step >= next_eval:
+                eval_mean_fn = numpy_mlp(agent.actor_mean)
+                eval_returns = evaluate_policy(lambda o: eval_mean_fn(normalized(o)).clip(low, high), eval_env,
+                                               args.eval_episodes, args.seed + EVAL_SEED_OFFSET)
+                last_eval = (global_step, float(np.mean(eval_returns)))
+                writer.add_scalar("eval/episodic_return", last_eval[1], global_step)
+                next_eval = (global_step // args.eval_frequency + 1) * args.eval_frequency
+            if time.time() >= next_progress:
                 mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
-                print(f"step {global_step:>9,}  SPS {sps:>6,}  return(last 20) {mean_ret:8.2f}", flush=True)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"interrupted at step {global_step:,}; closing logs", file=sys.stderr)
+                print(f"step {global_step:>11,}  SPS {sps:>6,}  return(last 20) {mean_ret:8.2f}", flush=True)
+                next_progress = time.time() + PROGRESS_SECONDS
+    except KeyboardInterrupt as e:
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        stop_reason = f"{'SIGTERM' if stopped == 'terminated' else 'Ctrl-C'} at step {global_step:,}"
+    except NonFinite as e:
+        stopped, stop_reason = "non-finite", str(e)
+        agent.load_state_dict(last_finite["model"])
+        obs_rms.load_state_dict(last_finite["obs_rms"])
+        return_rms.load_state_dict(last_finite["return_rms"])
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+    if stopped:
+        print(f"stopped: {stop_reason}", file=sys.stderr)
 
     if args.save_model:
         path = os.path.join(run_dir, "ppo_continuous.pt")
@@ -564,16 +739,19 @@ def train(args: Args) -> dict:
                     "obs_rms": obs_rms.state_dict(), "return_rms": return_rms.state_dict()}, path)
         print(f"model saved to {path}")
     envs.close()
+    if eval_env is not None:
+        eval_env.close()
     writer.close()
     wall = time.time() - start_time
-    summary = dict(env_id=args.env_id, algorithm="ppo_continuous", exp_name=args.exp_name, seed=args.seed, global_step=global_step,
-                   wall_seconds=wall, SPS=global_step / wall,
+    eval_step, eval_return = last_eval or (None, None)
+    summary = dict(env_id=args.env_id, algorithm="ppo_continuous", exp_name=args.exp_name, seed=args.seed,
+                   global_step=global_step, wall_seconds=wall, SPS=global_step / wall,
                    mean_return=float(np.mean(recent_returns)) if recent_returns else None,
-                   episodes_in_mean=len(recent_returns), episodes=episodes, interrupted=interrupted, run_dir=run_dir)
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+                   episodes_in_mean=len(recent_returns), episodes=episodes,
+                   eval_step=eval_step, eval_return=eval_return,
+                   stopped=stopped, stop_reason=stop_reason, versions=versions(), run_dir=run_dir)
+    return write_summary(run_dir, summary)
 
 
 if __name__ == "__main__":
-    train(tyro.cli(Args))
+    sys.exit(EXIT_CODES[train(parse_args())["stopped"]])

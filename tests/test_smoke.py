@@ -98,6 +98,21 @@ def test_same_seed_same_returns(case, in_tmp_dir):
     assert (a["mean_return"], a["episodes"]) != (c["mean_return"], c["episodes"])
 
 
+@pytest.mark.parametrize("case", ["reinforce", "reinforce_baseline", "actor_critic"])
+def test_global_step_counts_every_env_step(case, in_tmp_dir, monkeypatch):
+    """Every env.step of every env is counted, also reinforce's steps of the episodes that a batch
+    discards (an env whose episode ended first steps on until the longest one ends)."""
+    real_step, env_steps = gym.vector.SyncVectorEnv.step, [0]
+
+    def step(self, actions):
+        env_steps[0] += self.num_envs
+        return real_step(self, actions)
+
+    monkeypatch.setattr(gym.vector.SyncVectorEnv, "step", step)
+    summary = run(SCRIPT[case], **TINY[case])
+    assert summary["global_step"] == env_steps[0]
+
+
 @pytest.mark.parametrize("name", list(WRONG_SPACE))
 def test_ctrl_c_saves_and_closes(name, in_tmp_dir, monkeypatch):
     real_step, calls = gym.vector.SyncVectorEnv.step, [0]
@@ -141,3 +156,46 @@ def test_capture_video_mujoco_refusal_suggests_what_works(in_tmp_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     [run_dir] = [d for d in os.listdir("runs")]
     assert any(f.endswith(".mp4") for f in os.listdir(os.path.join("runs", run_dir, "videos")))
+
+
+def test_ppo_minibatches_of_one_sample_stay_finite(in_tmp_dir):
+    """8 envs x 16 steps in 64 minibatches: dropping reset rows leaves minibatches of one
+    sample, whose advantage has no spread to normalise by (its std is NaN)."""
+    summary = run("ppo", num_envs=8, num_steps=16, num_minibatches=64, total_timesteps=4096)
+    assert summary["stopped"] is None and finite(summary["mean_return"])
+
+
+def test_ppo_target_kl_reads_each_epoch(in_tmp_dir):
+    """A tiny target_kl stops the epochs early; the run stays finite."""
+    summary = run("ppo", target_kl=1e-6, **TINY["ppo"])
+    assert summary["stopped"] is None
+
+
+def test_ppo_continuous_minibatches_of_one_sample_stay_finite(in_tmp_dir):
+    """1 env x 16 steps in 8 minibatches on InvertedPendulum (episodes of a few steps at first):
+    dropping reset rows leaves minibatches of one sample, which must not be normalised by its own std."""
+    summary = run("ppo_continuous", env_id="InvertedPendulum-v4", num_steps=16, num_minibatches=8,
+                  update_epochs=2, total_timesteps=2048)
+    assert summary["stopped"] is None and finite(summary["mean_return"])
+
+
+def test_ppo_continuous_target_kl_reads_each_epoch(in_tmp_dir):
+    """A tiny target_kl stops the epochs early; the run stays finite."""
+    summary = run("ppo_continuous", target_kl=1e-6, **TINY["ppo_continuous"])
+    assert summary["stopped"] is None and finite(summary["mean_return"])
+
+
+def test_ppo_continuous_evaluation_leaves_training_alone(in_tmp_dir):
+    """--eval-frequency normalises the eval env's observations by the current statistics without
+    updating them: the same seed trains the same model with the same statistics with and without it."""
+    import torch
+
+    plain = run("ppo_continuous", save_model=True, **TINY["ppo_continuous"])
+    evaluated = run("ppo_continuous", save_model=True, exp_name="evaluated", eval_frequency=256, eval_episodes=2,
+                    **TINY["ppo_continuous"])
+    assert evaluated["eval_step"] is not None and finite(evaluated["eval_return"])
+    assert (plain["mean_return"], plain["episodes"]) == (evaluated["mean_return"], evaluated["episodes"])
+    a, b = (torch.load(os.path.join(s["run_dir"], "ppo_continuous.pt"), weights_only=True) for s in (plain, evaluated))
+    for part in ("model", "obs_rms", "return_rms"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
