@@ -28,12 +28,14 @@ $$ R_t = \sum_{j=0}^{k-1} \gamma^j r_{t+j}, \qquad
 Target distribution: the target networks' Z'(s_{t+k}, μ'(s_{t+k})) with every atom moved to
 R_t + γ_t z_j, projected back onto the support (each moved atom's mass split between its
 two neighbouring atoms, linearly; atoms beyond v_min or v_max land on the end atoms):
-$$ (\Phi \mathcal T Z')_i = \sum_j \left[1 - \frac{\left|[R_t + \gamma_t z_j]_{v_{min}}^{v_{max}} - z_i\right|}{\Delta z}\right]_0^1
+$$ (\Phi \mathcal T Z')_i = \sum_j
+   \left[1 - \frac{\left|[R_t + \gamma_t z_j]_{v_{min}}^{v_{max}} - z_i\right|}{\Delta z}\right]_0^1
    p'_j(s_{t+k}, \mu_{\theta'}(s_{t+k})) \tag{4} $$
 
 Critic loss: the cross-entropy of the critic's distribution against the projected target
 (its KL up to a constant), weighted by the importance weights w of prioritised replay:
-$$ L(\phi) = \mathbb E_{i \sim P}\left[ w_i \cdot \left(-\sum_k (\Phi \mathcal T Z')_k \log p_k(s_i, a_i)\right)\right] \tag{5} $$
+$$ L(\phi) = \mathbb E_{i \sim P}\left[ w_i \cdot
+   \left(-\sum_k (\Phi \mathcal T Z')_k \log p_k(s_i, a_i)\right)\right] \tag{5} $$
 
 Actor: the deterministic policy gradient through the critic's mean (2), critic held fixed:
 $$ \nabla_\theta J = \mathbb E_s\left[\nabla_a Q_\phi(s, a)|_{a=\mu_\theta(s)} \nabla_\theta \mu_\theta(s)\right], \quad
@@ -44,7 +46,8 @@ P(i) ∝ p_i^α, where p_i is its latest KL divergence to the target ((5) less t
 entropy, as in Rainbow; new transitions get the largest priority seen so far), found by a
 sum tree in O(log n); the importance weights undo the bias, normalised by their batch
 maximum, with β annealed linearly to 1 over the run:
-$$ P(i) = \frac{p_i^\alpha}{\sum_k p_k^\alpha}, \qquad w_i = \frac{(n\,P(i))^{-\beta}}{\max_j (n\,P(j))^{-\beta}} \tag{7} $$
+$$ P(i) = \frac{p_i^\alpha}{\sum_k p_k^\alpha}, \qquad
+   w_i = \frac{(n\,P(i))^{-\beta}}{\max_j (n\,P(j))^{-\beta}} \tag{7} $$
 
 Target networks, Polyak-averaged after each learner step (τ = 1 with
 --target-network-frequency 100 is the paper's hard copy every 100 steps):
@@ -56,7 +59,9 @@ learner publishes its actor's weights and tells every actor process to collect
 `--rollout-steps` vector steps; while they act, the learner takes the gradient steps owed
 for the data it already has (one per env step); then it adds the actors' N-step
 transitions to the replay, in actor order. So acting and learning run at the same time,
-the actors' weights are one round old, and a seed gives the same run every time.
+the actors' weights are one round old, and a seed gives the same run every time. The
+actor processes are born ignoring Ctrl-C and SIGTERM: the learner alone handles both and
+stops them (and an actor whose learner has died stops by itself).
 Environments: gymnasium vector envs in their default NEXT_STEP autoreset mode: the step
 after an episode's end only resets that env; it is no transition and is not stored.
 
@@ -72,17 +77,22 @@ returns beyond it are clipped to the end atoms. The default [-1000, 1000] covers
 [-16.3, 0]: only the worst states of a bad early policy fall below -1000, and the
 projection keeps the mean exact inside the support). Other defaults are the
 paper's (N = 5, 51 atoms, batch 256, σ = 0.3, Adam at 1e-4 for the actor) and Schaul et al.'s
-(α = 0.6, β from 0.4), with 256×256 networks and a critic rate of 3e-4.
+(α = 0.6, β from 0.4), with 256×256 networks and a critic rate of 3e-4. Every 10,000 steps
+the learner evaluates μ(s), without noise, for 10 episodes on a separate env.
 """
 
+import contextlib
+import copy
+import importlib.metadata
+import io
 import json
 import math
 import os
+import platform
 import queue
 import random
 import signal
 import sys
-import threading
 import time
 import warnings
 from collections import deque
@@ -120,8 +130,12 @@ class Args:
     """save the actor and critic to runs/<run>/d4pg.pt at the end (and on Ctrl-C)"""
     eval_checkpoint: Optional[str] = None
     """path of a saved model: evaluate it (μ(s), no noise) without learning, then exit"""
+    eval_frequency: int = 10_000
+    """evaluate μ(s), without noise, on a separate env every this many env steps (0: never)"""
     eval_episodes: int = 10
-    """number of episodes for --eval-checkpoint"""
+    """episodes per evaluation (during training and for --eval-checkpoint)"""
+    torch_threads: int = 1
+    """CPU threads for torch in the learner (each actor process uses one)"""
 
     env_id: str = "Pendulum-v1"
     """the gymnasium environment id (Box actions, vector observations)"""
@@ -170,13 +184,112 @@ class Args:
     per_eps: float = 1e-6
     """added to every priority so that no transition has probability 0"""
 
-    torch_threads: int = 1
-    """CPU threads for torch (the learner's; each actor process uses one): 1 is fastest while other processes share the cores"""
+
+# The valid range of every numeric Arg, checked by check_args before anything is written:
+# "[" and "]" include an end, "(" and ")" exclude it. tests/test_args.py tries a value
+# outside each range and NaN on every numeric field of Args, so a new field needs a line here.
+ARG_RANGES = {
+    "seed": "[0, 4294967295]",  # what random, numpy and torch all accept
+    "eval_frequency": "[0, inf)",
+    "eval_episodes": "[1, inf)",
+    "torch_threads": "[1, 1024]",
+    "total_timesteps": "[1, inf)",
+    "num_actors": "[1, inf)",
+    "num_envs": "[1, inf)",
+    "rollout_steps": "[1, inf)",
+    "policy_lr": "(0, inf)",
+    "q_lr": "(0, inf)",
+    "buffer_size": "[1, inf)",
+    "gamma": "[0, 1]",
+    "n_step": "[1, inf)",
+    "num_atoms": "[2, inf)",  # Δz of (2) needs two atoms
+    # the support's ends are values of the task's returns, which may have any sign and size:
+    # unbounded, but v_min < v_max is checked in train()
+    "v_min": "(-inf, inf)",
+    "v_max": "(-inf, inf)",
+    "tau": "(0, 1]",
+    "target_network_frequency": "[1, inf)",
+    "policy_frequency": "[1, inf)",
+    "batch_size": "[1, inf)",
+    "learning_starts": "[0, inf)",
+    "exploration_noise": "[0, inf)",
+    "per_alpha": "[0, inf)",
+    "per_beta": "[0, 1]",
+    "per_eps": "(0, inf)",
+}
+PROGRESS_SECONDS = 10.0  # a progress line after the first second, then every this many seconds
+EVAL_SEED_OFFSET = 10_000  # the evaluation env's seed is args.seed + this: other starts than training's
+EXIT_CODES = {None: 0, "non-finite": 1, "interrupted": 130, "terminated": 143}  # as shells expect
+
 
 def fail(message: str):
     """Bad input: one clear line on stderr and exit code 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def parse_args() -> Args:
+    """The command line by tyro, whose boxed error message becomes one `error:` line."""
+    box = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(box):
+            return tyro.cli(Args)
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        lines = [line.strip(" -─│╭╮╰╯") for line in box.getvalue().splitlines()]
+        fail(next((line for line in lines[1:] if line), "cannot read the command line") + " (see --help)")
+
+
+def check_args(args: Args):
+    """Every numeric Arg finite and inside ARG_RANGES; --exp-name a plain directory name."""
+    for name, interval in ARG_RANGES.items():
+        value = getattr(args, name)
+        if value is None:  # an Optional Arg that is off
+            continue
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        inside = (low < value or (interval[0] == "[" and value == low)) and \
+                 (value < high or (interval[-1] == "]" and value == high))
+        if not (math.isfinite(value) and inside):
+            fail(f"--{name.replace('_', '-')} {value} is outside its valid range {interval}")
+    if not args.exp_name or ".." in args.exp_name or any(c in args.exp_name for c in "/\\\0"):
+        fail(f"--exp-name {args.exp_name!r} must be a plain name without '/', '\\' or '..' "
+             "(runs/ holds one directory per run)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption), handled like Ctrl-C."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+class NonFinite(Exception):
+    """A loss or parameter turned NaN or infinite: training stops."""
+
+
+def check_finite(global_step: int, losses: dict, *modules: nn.Module):
+    """Raise NonFinite naming the first non-finite loss or parameter."""
+    for name, value in losses.items():
+        if not math.isfinite(value):
+            raise NonFinite(f"{name} is {value} at step {global_step:,}")
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not torch.isfinite(p).all():
+                raise NonFinite(f"parameter {name} is not finite at step {global_step:,}")
+
+
+def versions() -> dict:
+    """The versions behind a figure: written to summary.json and the TensorBoard log."""
+    found = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+             "numpy": np.__version__}
+    for dist in ("mujoco", "ale-py"):
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
 
 
 def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
@@ -194,6 +307,9 @@ def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
 def check_env(env_id: str, capture_video: bool = False):
     """Refuse an unknown id, a wrong action/observation space or an env that cannot render
     (with --capture-video) before anything starts."""
+    if env_id.startswith("ALE/") or "NoFrameskip" in env_id:
+        fail(f"{env_id} is an Atari game (pixel observations); d4pg.py is for vector observations: "
+             "use algos/ppo_atari.py")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # only a probe: the run itself shows gymnasium's warnings
@@ -207,7 +323,7 @@ def check_env(env_id: str, capture_video: bool = False):
                 except Exception as e:
                     first_line = (str(e).splitlines() or [""])[0]
                     fail(f"--capture-video cannot render {env_id} ({type(e).__name__}: {first_line}); "
-                         "without a display, MuJoCo needs MUJOCO_GL=egl or MUJOCO_GL=osmesa")
+                         "without a display, run with MUJOCO_GL=egl")
     except gym.error.Error as e:
         fail(f"cannot make env {env_id!r}: {e} (try --env-id Pendulum-v1)")
     act_space, obs_space = env.action_space, env.observation_space
@@ -220,6 +336,15 @@ def check_env(env_id: str, capture_video: bool = False):
         fail(f"{env_id} has unbounded actions {act_space}; d4pg.py scales tanh to finite bounds")
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         fail(f"{env_id} has observations {obs_space}; d4pg.py needs flat vectors")
+
+
+def check_memory(nbytes: int, what: str):
+    """Refuse a buffer larger than the machine's physical memory before allocating it: NumPy
+    would reserve it lazily and the run would die when the replay fills, hours later."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > physical:
+        fail(f"{what} needs {nbytes / 2**30:,.1f} GiB, more than the {physical / 2**30:,.1f} GiB of physical "
+             "memory of this machine: make it smaller")
 
 
 def categorical_projection(next_probs, returns, discounts, atoms):
@@ -238,6 +363,13 @@ def categorical_projection(next_probs, returns, discounts, atoms):
     target.scatter_add_(1, lower.long(), next_probs * (1.0 - upper_weight))  # (4)
     target.scatter_add_(1, (lower + 1).clamp(max=n - 1).long(), next_probs * upper_weight)  # (4)
     return target
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, source: nn.Module, tau: float):
+    """Equation (8): θ' ← τθ + (1 − τ)θ' for every parameter."""
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.lerp_(s, tau)  # (8)
 
 
 class NStepBuffer:
@@ -322,6 +454,12 @@ class ReplayBuffer:
         self.tree = SumTree(capacity) if per else None
         self.alpha, self.eps, self.max_priority = alpha, eps, 1.0
 
+    @staticmethod
+    def nbytes(capacity: int, obs_dim: int, act_dim: int, per: bool) -> int:
+        """The five float32 arrays above and, with per, the sum tree's float64 nodes."""
+        tree = 2 * 8 * (1 << max(0, capacity - 1).bit_length()) if per else 0
+        return capacity * 4 * (2 * obs_dim + act_dim + 2) + tree
+
     def add(self, obs, actions, returns, next_obs, discounts):
         idx = (self.pos + np.arange(len(obs))) % self.capacity
         self.obs[idx], self.actions[idx], self.returns[idx] = obs, actions, returns
@@ -356,9 +494,16 @@ class Actor(nn.Module):
                                  nn.Linear(256, act_dim), nn.Tanh())
         self.register_buffer("action_scale", torch.as_tensor((high - low) / 2.0, dtype=torch.float32))
         self.register_buffer("action_bias", torch.as_tensor((high + low) / 2.0, dtype=torch.float32))
+        self.low, self.high = low, high
 
     def forward(self, obs):
         return self.net(obs) * self.action_scale + self.action_bias  # (1)
+
+    @torch.inference_mode()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """μ(s) for one NumPy observation, no noise (evaluate_policy's `act`), inside the bounds."""
+        mu = self(torch.as_tensor(obs, dtype=torch.float32, device=self.action_scale.device))
+        return np.clip(mu.cpu().numpy(), self.low, self.high)
 
 
 class DistributionalCritic(nn.Module):
@@ -371,6 +516,17 @@ class DistributionalCritic(nn.Module):
 
     def forward(self, obs, actions):
         return self.net(torch.cat([obs, actions], -1))
+
+
+def next_command(commands):
+    """The learner's next round number, or None to stop: also when the learner has died, so
+    that no actor process outlives it."""
+    while True:
+        try:
+            return commands.get(timeout=1.0)
+        except queue.Empty:
+            if not mp.parent_process().is_alive():
+                return None
 
 
 def actor_process(rank: int, args: Args, shared_actor: Actor, run_dir: str, commands, results):
@@ -390,7 +546,7 @@ def actor_process(rank: int, args: Args, shared_actor: Actor, run_dir: str, comm
     obs, _ = envs.reset(seed=[args.seed + rank * args.num_envs + i for i in range(args.num_envs)])
     reset_step = np.zeros(args.num_envs, dtype=bool)  # this step of env i only resets it (NEXT_STEP)
     try:
-        while (round_ := commands.get()) is not None:
+        while (round_ := next_command(commands)) is not None:
             transitions, episodes = [], []
             for _ in range(args.rollout_steps):
                 if round_ * steps_per_round < args.learning_starts:
@@ -411,10 +567,25 @@ def actor_process(rank: int, args: Args, shared_actor: Actor, run_dir: str, comm
             results.put((round_, [np.array(x, dtype=np.float32) for x in zip(*transitions)], episodes))
     finally:
         envs.close()
+        results.cancel_join_thread()  # a stopped learner reads no more: exit without waiting to flush
 
 
 def setup(args: Args, run_name: str):
-    """Seeding, device and logging shared by training and evaluation."""
+    """Seeding, device, the run directory and logging, shared by training and evaluation."""
+    run_dir = os.path.join("runs", run_name)
+    if os.path.exists("runs") and not os.path.isdir("runs"):
+        fail("runs is a file, not a directory: move it away or start from another directory")
+    if len(run_name.encode()) > 255:
+        fail(f"the run name {run_name[:40]}... is longer than the file system allows (255 bytes): "
+             "shorten --exp-name")
+    for attempt in range(2, 100):  # a run of the same name started in the same second: add -2, -3, ...
+        try:
+            os.makedirs(run_dir)
+            break
+        except FileExistsError:
+            run_dir = os.path.join("runs", f"{run_name}-{attempt}")
+        except OSError as e:
+            fail(f"cannot create the run directory {run_dir}: {e.strerror}")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -422,8 +593,6 @@ def setup(args: Args, run_name: str):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.torch_threads)
-        torch.set_flush_denormal(True)  # tiny gradients and Adam moments turn denormal and slow every op
-    run_dir = os.path.join("runs", run_name)
     if args.track:
         try:
             import wandb
@@ -432,8 +601,35 @@ def setup(args: Args, run_name: str):
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=asdict(args), name=run_name, save_code=True)
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    table = {**asdict(args), **{f"version/{k}": v for k, v in versions().items()}}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in table.items()))
     return device, run_dir, writer
+
+
+def evaluate_policy(act, env, episodes: int, seed: int) -> list:
+    """Returns of `episodes` episodes of the deterministic policy `act` (one observation to one
+    action), the env reset with `seed` first so that every evaluation starts from the same states."""
+    returns = []
+    obs, _ = env.reset(seed=seed)
+    while len(returns) < episodes:
+        obs, _, terminated, truncated, info = env.step(act(obs))
+        if terminated or truncated:
+            returns.append(float(info["episode"]["r"]))
+            obs, _ = env.reset()
+    return returns
+
+
+def write_summary(run_dir: str, summary: dict) -> dict:
+    """summary.json. JSON has no NaN: a non-finite number is written as null and its key listed
+    under `non_finite` (the reason is in `stopped` / `stop_reason`)."""
+    bad = [k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)]
+    summary = {k: None if k in bad else v for k, v in summary.items()}
+    if bad:
+        summary["non_finite"] = bad
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, allow_nan=False)
+    print(f"run directory: {run_dir} (summary.json, TensorBoard log)", flush=True)
+    return summary
 
 
 def evaluate(args: Args) -> dict:
@@ -446,35 +642,27 @@ def evaluate(args: Args) -> dict:
         fail(f"cannot read {args.eval_checkpoint} as a checkpoint ({type(e).__name__})")
     saved_by = ckpt.get("algorithm") if isinstance(ckpt, dict) else None
     if saved_by != "d4pg":
-        fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not d4pg.py: evaluate it with the script that saved it")
+        fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not d4pg.py: "
+             "evaluate it with the script that saved it")
     args.env_id = ckpt["args"]["env_id"]
     check_env(args.env_id, args.capture_video)
-    if args.eval_episodes <= 0 or args.torch_threads <= 0:
-        fail(f"--eval-episodes and --torch-threads must be positive, got {args.eval_episodes} and {args.torch_threads}")
-    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
     device, run_dir, writer = setup(args, run_name)
     env = make_env(args.env_id, 0, args.capture_video, run_dir)()
-    low, high = env.action_space.low, env.action_space.high
-    actor = Actor(env.observation_space.shape[0], env.action_space.shape[0], low, high).to(device)
+    space = env.action_space
+    actor = Actor(env.observation_space.shape[0], space.shape[0], space.low, space.high).to(device)
     actor.load_state_dict(ckpt["actor"])
-    returns = []
-    obs, _ = env.reset(seed=args.seed)
-    while len(returns) < args.eval_episodes:
-        with torch.inference_mode():
-            action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
-        obs, _, terminated, truncated, info = env.step(np.clip(action, low, high))
-        if terminated or truncated:
-            returns.append(float(info["episode"]["r"]))
-            writer.add_scalar("eval/episodic_return", returns[-1], len(returns))
-            obs, _ = env.reset()
+    returns = evaluate_policy(actor.act, env, args.eval_episodes, args.seed)
+    for i, r in enumerate(returns):
+        writer.add_scalar("eval/episodic_return", r, i + 1)
     env.close()
     writer.close()
     summary = dict(env_id=args.env_id, algorithm="d4pg", mode="eval", seed=args.seed, checkpoint=args.eval_checkpoint,
-                   episodes=len(returns), mean_return=float(np.mean(returns)), std_return=float(np.std(returns)))
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"eval {args.env_id}: mean return {summary['mean_return']:.2f} ± {summary['std_return']:.2f} over {len(returns)} episodes")
-    return summary
+                   episodes=len(returns), mean_return=float(np.mean(returns)), std_return=float(np.std(returns)),
+                   stopped=None, versions=versions(), run_dir=run_dir)
+    print(f"eval {args.env_id}: mean return {summary['mean_return']:.2f} ± {summary['std_return']:.2f} "
+          f"over {len(returns)} episodes")
+    return write_summary(run_dir, summary)
 
 
 def receive(results, process, rank: int):
@@ -488,61 +676,67 @@ def receive(results, process, rank: int):
 
 
 def train(args: Args) -> dict:
+    check_args(args)
     if args.eval_checkpoint:
         return evaluate(args)
-    if min(args.total_timesteps, args.num_actors, args.num_envs, args.rollout_steps, args.buffer_size,
-           args.batch_size, args.n_step, args.policy_frequency, args.target_network_frequency, args.torch_threads) <= 0:
-        fail("--total-timesteps, --num-actors, --num-envs, --rollout-steps, --buffer-size, --batch-size, "
-             "--n-step, --policy-frequency, --target-network-frequency and --torch-threads must be positive")
-    if args.batch_size > args.buffer_size:
-        fail(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}; shrink the batch or grow the buffer")
-    if not 0 <= args.learning_starts < args.total_timesteps:
-        fail(f"--learning-starts {args.learning_starts} must be in [0, --total-timesteps {args.total_timesteps}): "
+    if args.learning_starts >= args.total_timesteps:
+        fail(f"--learning-starts {args.learning_starts} is not below --total-timesteps {args.total_timesteps}: "
              "nothing would be learned; raise the budget or start learning earlier")
-    if args.num_atoms < 2 or not args.v_min < args.v_max:
-        fail(f"the support needs --num-atoms >= 2 and --v-min < --v-max, got {args.num_atoms} atoms on "
-             f"[{args.v_min}, {args.v_max}]")
-    if not 0 < args.tau <= 1:
-        fail(f"--tau must be in (0, 1], got {args.tau}")
-    if not (0 <= args.per_alpha and 0 <= args.per_beta <= 1 and args.per_eps > 0):
-        fail("prioritised replay needs --per-alpha >= 0, 0 <= --per-beta <= 1 and --per-eps > 0")
+    if args.batch_size > args.buffer_size:
+        fail(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}; "
+             "shrink the batch or grow the buffer")
+    if not args.v_min < args.v_max:
+        fail(f"--v-min {args.v_min} must be below --v-max {args.v_max}: the support of (2) runs from one to the other")
     steps_per_round = args.num_actors * args.num_envs * args.rollout_steps
     num_rounds = args.total_timesteps // steps_per_round
     if num_rounds == 0:
         fail(f"--total-timesteps {args.total_timesteps} is less than one round of {steps_per_round} steps "
              "(num-actors x num-envs x rollout-steps); raise it")
     check_env(args.env_id, args.capture_video)
-
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    device, run_dir, writer = setup(args, run_name)
-    probe = gym.make(args.env_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # check_env has refused what is wrong: this reads the sizes only
+        probe = gym.make(args.env_id)
     obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
     low, high = probe.action_space.low, probe.action_space.high  # the env's bounds, not ±1
     probe.close()
+    capacity = min(args.buffer_size, args.total_timesteps)  # a run never stores more transitions than it steps
+    check_memory(ReplayBuffer.nbytes(capacity, obs_dim, act_dim, args.per),
+                 f"--buffer-size {args.buffer_size:,} (a replay of {capacity:,} transitions"
+                 + (" and its sum tree)" if args.per else ")"))
+
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    device, run_dir, writer = setup(args, run_name)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # tiny gradients and Adam moments turn denormal and slow every op
+    eval_env = make_env(args.env_id, -1, False, run_dir)() if args.eval_frequency else None
     actor = Actor(obs_dim, act_dim, low, high).to(device)
     critic = DistributionalCritic(obs_dim, act_dim, args.num_atoms).to(device)
     actor_target = Actor(obs_dim, act_dim, low, high).to(device)
     critic_target = DistributionalCritic(obs_dim, act_dim, args.num_atoms).to(device)
     actor_target.load_state_dict(actor.state_dict())
     critic_target.load_state_dict(critic.state_dict())
+    saved = {"actor": actor, "critic": critic, "actor_target": actor_target, "critic_target": critic_target}
     fused = True if device.type in ("cpu", "cuda") else None
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=fused)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.q_lr, fused=fused)
     atoms = torch.linspace(args.v_min, args.v_max, args.num_atoms, device=device)  # (2)
     rng = np.random.default_rng(args.seed)
-    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, rng,
-                      args.per, args.per_alpha, args.per_eps)
+    rb = ReplayBuffer(capacity, obs_dim, act_dim, rng, args.per, args.per_alpha, args.per_eps)
 
     # the actors' copy of μ lives in shared memory; the learner overwrites it between rounds only
     shared_actor = Actor(obs_dim, act_dim, low, high).share_memory()
     ctx = mp.get_context("spawn")
     commands = [ctx.Queue() for _ in range(args.num_actors)]
     results = [ctx.Queue() for _ in range(args.num_actors)]
-    processes = [ctx.Process(target=actor_process, args=(rank, args, shared_actor, run_dir, commands[rank], results[rank]),
-                             daemon=True) for rank in range(args.num_actors)]
+    processes = [ctx.Process(target=actor_process, daemon=True,
+                             args=(rank, args, shared_actor, run_dir, commands[rank], results[rank]))
+                 for rank in range(args.num_actors)]
 
-    def learner_step(step: int, beta: float) -> dict:
-        idx, (b_obs, b_actions, b_returns, b_next_obs, b_discounts, b_weights) = rb.sample(args.batch_size, beta, device)
+    def learner_step(step: int, beta: float):
+        """One critic step (5), every policy_frequency steps an actor step (6), the targets (8);
+        returns the critic loss, its log-probabilities and the actor loss (None if no actor step)."""
+        idx, batch = rb.sample(args.batch_size, beta, device)
+        b_obs, b_actions, b_returns, b_next_obs, b_discounts, b_weights = batch
         with torch.no_grad():
             next_probs = critic_target(b_next_obs, actor_target(b_next_obs)).softmax(-1)
             target = categorical_projection(next_probs, b_returns, b_discounts, atoms)  # (4)
@@ -555,38 +749,40 @@ def train(args: Args) -> dict:
         if rb.tree is not None:  # priority: the KL to the target (the loss less the target's entropy), as in Rainbow
             kl = cross_entropy.detach() + torch.special.xlogy(target, target).sum(-1)
             rb.update_priorities(idx, kl.clamp(min=0.0).cpu().numpy())  # (7)
-        out = dict(critic_loss=critic_loss, log_probs=log_probs.detach())  # Q only computed when logged
+        actor_loss = None
         if step % args.policy_frequency == 0:
-            critic.requires_grad_(False)  # only ∇_a Q flows back into θ
+            critic.requires_grad_(False)  # the gradient reaches the action, not the critic's weights
             q_mu = (critic(b_obs, actor(b_obs)).softmax(-1) * atoms).sum(-1)  # (2)
-            critic.requires_grad_(True)
-            out["actor_loss"] = actor_loss = -q_mu.mean()  # (6)
+            actor_loss = -q_mu.mean()  # (6)
             actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward()
+            critic.requires_grad_(True)
             actor_optimizer.step()
         if step % args.target_network_frequency == 0:
-            with torch.no_grad():
-                for target_net, net in ((actor_target, actor), (critic_target, critic)):
-                    for t, s in zip(target_net.parameters(), net.parameters()):
-                        t.lerp_(s, args.tau)  # (8)
-        return out
+            polyak_update(actor_target, actor, args.tau)  # (8)
+            polyak_update(critic_target, critic, args.tau)  # (8)
+        return critic_loss, log_probs.detach(), actor_loss
 
     global_step, learner_steps, owed, start_time = 0, 0, 0, time.time()
+    next_progress, next_eval = start_time + 1.0, args.eval_frequency
     recent_returns = deque(maxlen=20)
-    episodes = 0
-    log_every = max(1, num_rounds // 20)
-    interrupted, stats = False, {}
+    episodes, last_eval = 0, None
+    # saved instead of the model if training turns non-finite
+    last_finite = copy.deepcopy({name: m.state_dict() for name, m in saved.items()})
+    actor_loss = None
+    stopped = stop_reason = None
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        # the actors are born ignoring Ctrl-C (an ignored signal stays ignored in a new process,
-        # and Python then installs no KeyboardInterrupt): the learner alone handles it and stops them
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+        # the actors are born ignoring Ctrl-C and SIGTERM (an ignored signal stays ignored in a new
+        # process, and Python then installs no KeyboardInterrupt): the learner alone stops them
+        previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             for p in processes:
                 p.start()
         finally:
-            if in_main_thread:
-                signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGINT, previous_sigint)
+            signal.signal(signal.SIGTERM, raise_terminated)
         for round_ in range(num_rounds):
             with torch.no_grad():
                 for t, s in zip(shared_actor.state_dict().values(), actor.state_dict().values()):
@@ -596,7 +792,18 @@ def train(args: Args) -> dict:
             for _ in range(owed):  # while the actors act: one gradient step per env step already received
                 learner_steps += 1
                 beta = args.per_beta + (1.0 - args.per_beta) * min(1.0, global_step / args.total_timesteps)  # (7)
-                stats = learner_step(learner_steps, beta)
+                critic_loss, log_probs, new_actor_loss = learner_step(learner_steps, beta)
+                actor_loss = actor_loss if new_actor_loss is None else new_actor_loss
+                if learner_steps % 100 == 0:  # reading losses syncs with the device: not every step
+                    losses = {"losses/qf1_loss": critic_loss.item(),
+                              "losses/qf1_values": (log_probs.exp() * atoms).sum(-1).mean().item()}  # (2)
+                    if actor_loss is not None:
+                        losses["losses/actor_loss"] = actor_loss.item()
+                    check_finite(global_step, losses, *saved.values())
+                    last_finite = copy.deepcopy({name: m.state_dict() for name, m in saved.items()})
+                    for key, value in losses.items():
+                        writer.add_scalar(key, value, global_step)
+                    writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
             for rank in range(args.num_actors):
                 _, transitions, finished = receive(results[rank], processes[rank], rank)
                 if transitions:
@@ -611,45 +818,56 @@ def train(args: Args) -> dict:
             if rb.size < args.batch_size:
                 owed = 0
 
-            if stats and (round_ % log_every == 0 or round_ == num_rounds - 1):
-                sps = int(global_step / (time.time() - start_time))
-                if "log_probs" in stats:  # new stats since the last log
-                    stats["q_values"] = (stats.pop("log_probs").exp() * atoms).sum(-1).mean()  # (2)
-                for key, value in stats.items():
-                    writer.add_scalar(f"losses/{key}", value.item(), global_step)
-                writer.add_scalar("charts/SPS", sps, global_step)
-            if (round_ + 1) % log_every == 0 or round_ == num_rounds - 1:
+            if args.eval_frequency and global_step >= next_eval:
+                eval_returns = evaluate_policy(actor.act, eval_env, args.eval_episodes, args.seed + EVAL_SEED_OFFSET)
+                last_eval = (global_step, float(np.mean(eval_returns)))
+                writer.add_scalar("eval/episodic_return", last_eval[1], global_step)
+                next_eval = (global_step // args.eval_frequency + 1) * args.eval_frequency
+            if time.time() >= next_progress:
                 sps = int(global_step / (time.time() - start_time))
                 mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
-                print(f"step {global_step:>9,}  SPS {sps:>6,}  return(last 20) {mean_ret:8.2f}", flush=True)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"interrupted at step {global_step:,}; closing logs", file=sys.stderr)
+                print(f"step {global_step:>11,}  SPS {sps:>6,}  return(last 20) {mean_ret:8.2f}", flush=True)
+                next_progress = time.time() + PROGRESS_SECONDS
+    except KeyboardInterrupt as e:
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        stop_reason = f"{'SIGTERM' if stopped == 'terminated' else 'Ctrl-C'} at step {global_step:,}"
+    except NonFinite as e:
+        stopped, stop_reason = "non-finite", str(e)
+        for name, m in saved.items():
+            m.load_state_dict(last_finite[name])
     finally:
-        for q in commands:
-            q.put(None)
-        for p in processes:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        # stop the actors in every case, also on an error: each finishes its round, closes its envs and exits
+        for p, q in zip(processes, commands):
             if p.pid is not None:  # started
-                p.join(timeout=5)
-                if p.is_alive():
-                    p.terminate()
-                    p.join(timeout=5)
+                q.put(None)
+        for p in processes:
+            if p.pid is not None:
+                p.join(timeout=10)
+                if p.is_alive():  # it ignores SIGTERM
+                    p.kill()
+                    p.join()
+    if stopped:
+        print(f"stopped: {stop_reason}", file=sys.stderr)
 
     if args.save_model:
         path = os.path.join(run_dir, "d4pg.pt")
-        torch.save({"algorithm": "d4pg", "args": asdict(args), "actor": actor.state_dict(), "critic": critic.state_dict(),
-                    "actor_target": actor_target.state_dict(), "critic_target": critic_target.state_dict()}, path)
+        torch.save({"algorithm": "d4pg", "args": asdict(args), **{name: m.state_dict() for name, m in saved.items()}},
+                   path)
         print(f"model saved to {path}")
+    if eval_env is not None:
+        eval_env.close()
     writer.close()
     wall = time.time() - start_time
-    summary = dict(env_id=args.env_id, algorithm="d4pg", exp_name=args.exp_name, seed=args.seed, global_step=global_step,
-                   wall_seconds=wall, SPS=global_step / wall,
+    eval_step, eval_return = last_eval or (None, None)
+    summary = dict(env_id=args.env_id, algorithm="d4pg", exp_name=args.exp_name, seed=args.seed,
+                   global_step=global_step, wall_seconds=wall, SPS=global_step / wall,
                    mean_return=float(np.mean(recent_returns)) if recent_returns else None,
-                   episodes_in_mean=len(recent_returns), episodes=episodes, interrupted=interrupted, run_dir=run_dir)
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+                   episodes_in_mean=len(recent_returns), episodes=episodes,
+                   eval_step=eval_step, eval_return=eval_return,
+                   stopped=stopped, stop_reason=stop_reason, versions=versions(), run_dir=run_dir)
+    return write_summary(run_dir, summary)
 
 
 if __name__ == "__main__":
-    train(tyro.cli(Args))
+    sys.exit(EXIT_CODES[train(parse_args())["stopped"]])

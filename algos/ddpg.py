@@ -38,6 +38,10 @@ term flag, so a truncation bootstraps); the next `step` call is a reset step tha
 the action and returns the first observation of a new episode: that row is no transition
 and is not stored.
 
+Evaluation: every `eval_frequency` env steps, `eval_episodes` episodes of μ(s) without
+noise on a separate env, reset with the same seed each time (the metric of Fujimoto et al.
+2018, who evaluate 10 episodes every 5,000 steps).
+
 Run:
     python algos/ddpg.py --total-timesteps 20000          # Pendulum-v1
     python algos/ddpg.py --env-id Hopper-v4 --learning-starts 25000
@@ -47,12 +51,19 @@ Defaults are CleanRL's ddpg_continuous_action.py (one lr 3e-4 for both networks,
 256×256 ReLU networks, τ = 0.005, exploration noise 0.1, one critic step per vector step,
 actor and target update every 2 critic steps; the paper's every-step update is
 `--policy-frequency 1`) except learning_starts: 5,000 instead of 25,000, enough for
-Pendulum and still fine for Hopper-v4.
+Pendulum and still fine for Hopper-v4. Evaluation every 10,000 steps, 10 episodes.
 """
 
+import contextlib
+import copy
+import importlib.metadata
+import io
 import json
+import math
 import os
+import platform
 import random
+import signal
 import sys
 import time
 import warnings
@@ -64,7 +75,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
@@ -91,15 +101,19 @@ class Args:
     """save the actor and critic to runs/<run>/ddpg.pt at the end (and on Ctrl-C)"""
     eval_checkpoint: Optional[str] = None
     """path of a saved model: evaluate it (μ(s), no noise) without learning, then exit"""
+    eval_frequency: int = 10_000
+    """evaluate the deterministic policy μ(s) on a separate env every this many env steps (0: never)"""
     eval_episodes: int = 10
-    """number of episodes for --eval-checkpoint"""
+    """episodes per evaluation (during training and for --eval-checkpoint)"""
+    torch_threads: int = 1
+    """CPU threads for torch (more only pay on cores that no other process uses)"""
 
     env_id: str = "Pendulum-v1"
     """the gymnasium environment id (Box actions, vector observations)"""
     total_timesteps: int = 1_000_000
     """total environment steps over all envs (Pendulum-v1 needs about 20,000)"""
     learning_rate: float = 3e-4
-    """Adam learning rate of the actor and the critics"""
+    """Adam learning rate of the actor and the critic"""
     num_envs: int = 1
     """number of parallel environments (one gradient step per vector step)"""
     buffer_size: int = 1_000_000
@@ -117,13 +131,99 @@ class Args:
     policy_frequency: int = 2
     """critic steps per actor and target update of (5) and (7) (CleanRL: 2; the paper: 1)"""
 
-    torch_threads: int = 1
-    """CPU threads for torch: more help on an idle multi-core machine, 1 is fastest while other processes share the cores"""
+
+# The valid range of every numeric Arg, checked by check_args before anything is written:
+# "[" and "]" include an end, "(" and ")" exclude it. tests/test_args.py tries a value
+# outside each range and NaN on every numeric field of Args, so a new field needs a line here.
+ARG_RANGES = {
+    "seed": "[0, 4294967295]",  # what random, numpy and torch all accept
+    "eval_frequency": "[0, inf)",
+    "eval_episodes": "[1, inf)",
+    "torch_threads": "[1, 1024]",
+    "total_timesteps": "[1, inf)",
+    "learning_rate": "(0, inf)",
+    "num_envs": "[1, inf)",
+    "buffer_size": "[1, inf)",
+    "gamma": "[0, 1]",
+    "tau": "(0, 1]",
+    "batch_size": "[1, inf)",
+    "learning_starts": "[0, inf)",
+    "exploration_noise": "[0, inf)",
+    "policy_frequency": "[1, inf)",
+}
+PROGRESS_SECONDS = 10.0  # a progress line after the first second, then every this many seconds
+EVAL_SEED_OFFSET = 10_000  # the evaluation env's seed is args.seed + this: other starts than training's
+EXIT_CODES = {None: 0, "non-finite": 1, "interrupted": 130, "terminated": 143}  # as shells expect
+
 
 def fail(message: str):
     """Bad input: one clear line on stderr and exit code 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def parse_args() -> Args:
+    """The command line by tyro, whose boxed error message becomes one `error:` line."""
+    box = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(box):
+            return tyro.cli(Args)
+    except SystemExit as e:
+        if not e.code:  # --help
+            raise
+        lines = [line.strip(" -─│╭╮╰╯") for line in box.getvalue().splitlines()]
+        fail(next((line for line in lines[1:] if line), "cannot read the command line") + " (see --help)")
+
+
+def check_args(args: Args):
+    """Every numeric Arg finite and inside ARG_RANGES; --exp-name a plain directory name."""
+    for name, interval in ARG_RANGES.items():
+        value = getattr(args, name)
+        if value is None:  # an Optional Arg that is off
+            continue
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        inside = (low < value or (interval[0] == "[" and value == low)) and \
+                 (value < high or (interval[-1] == "]" and value == high))
+        if not (math.isfinite(value) and inside):
+            fail(f"--{name.replace('_', '-')} {value} is outside its valid range {interval}")
+    if not args.exp_name or ".." in args.exp_name or any(c in args.exp_name for c in "/\\\0"):
+        fail(f"--exp-name {args.exp_name!r} must be a plain name without '/', '\\' or '..' "
+             "(runs/ holds one directory per run)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption), handled like Ctrl-C."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+class NonFinite(Exception):
+    """A loss or parameter turned NaN or infinite: training stops."""
+
+
+def check_finite(global_step: int, losses: dict, *modules: nn.Module):
+    """Raise NonFinite naming the first non-finite loss or parameter."""
+    for name, value in losses.items():
+        if not math.isfinite(value):
+            raise NonFinite(f"{name} is {value} at step {global_step:,}")
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not torch.isfinite(p).all():
+                raise NonFinite(f"parameter {name} is not finite at step {global_step:,}")
+
+
+def versions() -> dict:
+    """The versions behind a figure: written to summary.json and the TensorBoard log."""
+    found = {"python": platform.python_version(), "torch": torch.__version__, "gymnasium": gym.__version__,
+             "numpy": np.__version__}
+    for dist in ("mujoco", "ale-py"):
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
 
 
 def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
@@ -141,6 +241,9 @@ def make_env(env_id: str, idx: int, capture_video: bool, run_dir: str):
 def check_env(env_id: str, capture_video: bool = False):
     """Refuse an unknown id, a wrong action/observation space or an env that cannot render
     (with --capture-video) before anything starts."""
+    if env_id.startswith("ALE/") or "NoFrameskip" in env_id:
+        fail(f"{env_id} is an Atari game (pixel observations); ddpg.py is for vector observations: "
+             "use algos/ppo_atari.py")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # only a probe: the run itself shows gymnasium's warnings
@@ -154,7 +257,7 @@ def check_env(env_id: str, capture_video: bool = False):
                 except Exception as e:
                     first_line = (str(e).splitlines() or [""])[0]
                     fail(f"--capture-video cannot render {env_id} ({type(e).__name__}: {first_line}); "
-                         "without a display, MuJoCo needs MUJOCO_GL=egl or MUJOCO_GL=osmesa")
+                         "without a display, run with MUJOCO_GL=egl")
     except gym.error.Error as e:
         fail(f"cannot make env {env_id!r}: {e} (try --env-id Pendulum-v1)")
     act_space, obs_space = env.action_space, env.observation_space
@@ -169,6 +272,15 @@ def check_env(env_id: str, capture_video: bool = False):
         fail(f"{env_id} has observations {obs_space}; ddpg.py needs flat vectors")
 
 
+def check_memory(nbytes: int, what: str):
+    """Refuse a buffer larger than the machine's physical memory before allocating it: NumPy
+    would reserve it lazily and the run would die when the replay fills, hours later."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > physical:
+        fail(f"{what} needs {nbytes / 2**30:,.1f} GiB, more than the {physical / 2**30:,.1f} GiB of physical "
+             "memory of this machine: make it smaller")
+
+
 def ddpg_target(rewards, terminations, next_q, gamma):
     """Critic target y of equation (3), per transition of a batch; next_q = Q'(s', μ'(s'))."""
     return rewards + gamma * (1.0 - terminations) * next_q  # (3)
@@ -176,7 +288,7 @@ def ddpg_target(rewards, terminations, next_q, gamma):
 
 @torch.no_grad()
 def polyak_update(target: nn.Module, source: nn.Module, tau: float):
-    """Equation (7): target ← τ·source + (1 - τ)·target, parameter by parameter, in place."""
+    """Equation (7): θ' ← τθ + (1 − τ)θ' for every parameter."""
     for t, s in zip(target.parameters(), source.parameters()):
         t.lerp_(s, tau)  # (7)
 
@@ -191,6 +303,11 @@ class ReplayBuffer:
         self.next_obs = np.zeros((capacity, obs_dim), dtype=np.float32)
         self.terminations = np.zeros(capacity, dtype=np.float32)
         self.capacity, self.pos, self.size, self.rng = capacity, 0, 0, rng
+
+    @staticmethod
+    def nbytes(capacity: int, obs_dim: int, act_dim: int) -> int:
+        """The memory the arrays above take: float32 s, a, r, s', term per transition."""
+        return capacity * 4 * (2 * obs_dim + act_dim + 2)
 
     def add(self, obs, actions, rewards, next_obs, terminations):
         """Store a batch of rows (one per env that made a real transition)."""
@@ -217,27 +334,37 @@ class Actor(nn.Module):
     def forward(self, obs):
         return self.net(obs) * self.action_scale + self.action_bias  # (1)
 
+    @torch.inference_mode()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """μ(s) of NumPy observations from the envs, as NumPy actions (no noise)."""
+        return self(torch.as_tensor(obs, dtype=torch.float32, device=self.action_scale.device)).cpu().numpy()
+
 
 class QNetwork(nn.Module):
     """Q(s, a): a 256×256 ReLU MLP of [s, a]."""
 
     def __init__(self, obs_dim: int, act_dim: int):
         super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(obs_dim + act_dim, 256), nn.Linear(256, 256), nn.Linear(256, 1)])
+        self.net = nn.Sequential(nn.Linear(obs_dim + act_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                                 nn.Linear(256, 1))
 
-    def forward(self, obs, actions, frozen: bool = False):
-        """[B] values; frozen: the weights detached, for the actor's loss (only ∇_a Q flows back)."""
-        x = torch.cat([obs, actions], -1)
-        for i, fc in enumerate(self.layers):
-            w, b = (fc.weight.detach(), fc.bias.detach()) if frozen else (fc.weight, fc.bias)
-            x = F.linear(x, w, b)
-            if i < len(self.layers) - 1:
-                x = x.relu()
-        return x.squeeze(-1)
+    def forward(self, obs, actions):
+        """[B] values."""
+        return self.net(torch.cat([obs, actions], -1)).squeeze(-1)
 
 
 def setup(args: Args, run_name: str):
-    """Seeding, device and logging shared by training and evaluation."""
+    """Seeding, device, the run directory and logging, shared by training and evaluation."""
+    run_dir = os.path.join("runs", run_name)
+    if os.path.exists("runs") and not os.path.isdir("runs"):
+        fail("runs is a file, not a directory: move it away or start from another directory")
+    if len(run_name.encode()) > 255:
+        fail(f"the run name {run_name[:40]}... is longer than the file system allows (255 bytes): "
+             "shorten --exp-name")
+    try:
+        os.makedirs(run_dir)
+    except OSError as e:
+        fail(f"cannot create the run directory {run_dir}: {e.strerror}")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -245,8 +372,6 @@ def setup(args: Args, run_name: str):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.torch_threads)
-        torch.set_flush_denormal(True)  # tiny gradients and Adam moments turn denormal and slow every op
-    run_dir = os.path.join("runs", run_name)
     if args.track:
         try:
             import wandb
@@ -255,8 +380,35 @@ def setup(args: Args, run_name: str):
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=asdict(args), name=run_name, save_code=True)
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    table = {**asdict(args), **{f"version/{k}": v for k, v in versions().items()}}
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in table.items()))
     return device, run_dir, writer
+
+
+def evaluate_policy(act, env, episodes: int, seed: int) -> list:
+    """Returns of `episodes` episodes of the deterministic policy `act` (one observation to one
+    action), the env reset with `seed` first so that every evaluation starts from the same states."""
+    returns = []
+    obs, _ = env.reset(seed=seed)
+    while len(returns) < episodes:
+        obs, _, terminated, truncated, info = env.step(act(obs))
+        if terminated or truncated:
+            returns.append(float(info["episode"]["r"]))
+            obs, _ = env.reset()
+    return returns
+
+
+def write_summary(run_dir: str, summary: dict) -> dict:
+    """summary.json. JSON has no NaN: a non-finite number is written as null and its key listed
+    under `non_finite` (the reason is in `stopped` / `stop_reason`)."""
+    bad = [k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)]
+    summary = {k: None if k in bad else v for k, v in summary.items()}
+    if bad:
+        summary["non_finite"] = bad
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, allow_nan=False)
+    print(f"run directory: {run_dir} (summary.json, TensorBoard log)", flush=True)
+    return summary
 
 
 def evaluate(args: Args) -> dict:
@@ -269,63 +421,61 @@ def evaluate(args: Args) -> dict:
         fail(f"cannot read {args.eval_checkpoint} as a checkpoint ({type(e).__name__})")
     saved_by = ckpt.get("algorithm") if isinstance(ckpt, dict) else None
     if saved_by != "ddpg":
-        fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not ddpg.py: evaluate it with the script that saved it")
+        fail(f"{args.eval_checkpoint} was saved by {saved_by or 'another program'}, not ddpg.py: "
+             "evaluate it with the script that saved it")
     args.env_id = ckpt["args"]["env_id"]
     check_env(args.env_id, args.capture_video)
-    if args.eval_episodes <= 0 or args.torch_threads <= 0:
-        fail(f"--eval-episodes and --torch-threads must be positive, got {args.eval_episodes} and {args.torch_threads}")
-    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
     device, run_dir, writer = setup(args, run_name)
     env = make_env(args.env_id, 0, args.capture_video, run_dir)()
     low, high = env.action_space.low, env.action_space.high
     actor = Actor(env.observation_space.shape[0], env.action_space.shape[0], low, high).to(device)
     actor.load_state_dict(ckpt["actor"])
-    returns = []
-    obs, _ = env.reset(seed=args.seed)
-    while len(returns) < args.eval_episodes:
-        with torch.inference_mode():
-            action = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
-        obs, _, terminated, truncated, info = env.step(np.clip(action, low, high))
-        if terminated or truncated:
-            returns.append(float(info["episode"]["r"]))
-            writer.add_scalar("eval/episodic_return", returns[-1], len(returns))
-            obs, _ = env.reset()
+    returns = evaluate_policy(actor.act, env, args.eval_episodes, args.seed)
+    for i, r in enumerate(returns):
+        writer.add_scalar("eval/episodic_return", r, i + 1)
     env.close()
     writer.close()
     summary = dict(env_id=args.env_id, algorithm="ddpg", mode="eval", seed=args.seed, checkpoint=args.eval_checkpoint,
-                   episodes=len(returns), mean_return=float(np.mean(returns)), std_return=float(np.std(returns)))
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"eval {args.env_id}: mean return {summary['mean_return']:.2f} ± {summary['std_return']:.2f} over {len(returns)} episodes")
-    return summary
+                   episodes=len(returns), mean_return=float(np.mean(returns)), std_return=float(np.std(returns)),
+                   stopped=None, versions=versions(), run_dir=run_dir)
+    print(f"eval {args.env_id}: mean return {summary['mean_return']:.2f} ± {summary['std_return']:.2f} "
+          f"over {len(returns)} episodes")
+    return write_summary(run_dir, summary)
 
 
 def train(args: Args) -> dict:
+    check_args(args)
     if args.eval_checkpoint:
         return evaluate(args)
-    if min(args.total_timesteps, args.num_envs, args.buffer_size, args.batch_size, args.policy_frequency,
-           args.torch_threads) <= 0:
-        fail("--total-timesteps, --num-envs, --buffer-size, --batch-size, --policy-frequency and --torch-threads "
-             "must be positive")
     if args.batch_size > args.buffer_size:
-        fail(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}; shrink the batch or grow the buffer")
-    if not 0 <= args.learning_starts < args.total_timesteps:
-        fail(f"--learning-starts {args.learning_starts} must be in [0, --total-timesteps {args.total_timesteps}): "
+        fail(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}; "
+             "shrink the batch or grow the buffer")
+    if args.learning_starts >= args.total_timesteps:
+        fail(f"--learning-starts {args.learning_starts} is not below --total-timesteps {args.total_timesteps}: "
              "nothing would be learned; raise the budget or start learning earlier")
-    if not 0 < args.tau <= 1:
-        fail(f"--tau must be in (0, 1], got {args.tau}")
-    if args.exploration_noise < 0:
-        fail("--exploration-noise must be non-negative")
     num_iterations = args.total_timesteps // args.num_envs
     if num_iterations == 0:
-        fail(f"--total-timesteps {args.total_timesteps} is less than one step of {args.num_envs} envs; raise it")
+        fail(f"--total-timesteps {args.total_timesteps} is less than one step of --num-envs {args.num_envs}; "
+             "raise it")
     check_env(args.env_id, args.capture_video)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # check_env has refused what is wrong: this reads the sizes only
+        probe = gym.make(args.env_id)
+    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    probe.close()
+    capacity = min(args.buffer_size, args.total_timesteps)  # a run never stores more transitions than it steps
+    check_memory(ReplayBuffer.nbytes(capacity, obs_dim, act_dim),
+                 f"--buffer-size {args.buffer_size:,} (a replay of {capacity:,} transitions)")
 
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     device, run_dir, writer = setup(args, run_name)
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_dir) for i in range(args.num_envs)])
+    if device.type == "cpu":  # Adam's tiny moments and gradients turn denormal and slow every op that meets them:
+        torch.set_flush_denormal(True)  # +10% SPS here, measured on Pendulum-v1 (8k steps, 6k updates)
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_dir)
+                                     for i in range(args.num_envs)])
     envs.action_space.seed(args.seed)
-    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    eval_env = make_env(args.env_id, -1, False, run_dir)() if args.eval_frequency else None
     low, high = envs.single_action_space.low, envs.single_action_space.high  # the env's bounds, not ±1
     actor = Actor(obs_dim, act_dim, low, high).to(device)
     critic = QNetwork(obs_dim, act_dim).to(device)
@@ -333,27 +483,31 @@ def train(args: Args) -> dict:
     critic_target = QNetwork(obs_dim, act_dim).to(device)
     actor_target.load_state_dict(actor.state_dict())
     critic_target.load_state_dict(critic.state_dict())
+    saved = {"actor": actor, "critic": critic, "actor_target": actor_target, "critic_target": critic_target}
     fused = True if device.type in ("cpu", "cuda") else None
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, fused=fused)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate, fused=fused)
     rng = np.random.default_rng(args.seed)
-    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim, rng)
+    rb = ReplayBuffer(capacity, obs_dim, act_dim, rng)
     explore_std = args.exploration_noise * (high - low) / 2.0
 
     global_step, start_time = 0, time.time()
+    next_progress, next_eval = start_time + 1.0, args.eval_frequency
     recent_returns = deque(maxlen=20)
-    episodes = 0
+    episodes, last_eval = 0, None
+    # saved instead of the model if training turns non-finite
+    last_finite = copy.deepcopy({name: m.state_dict() for name, m in saved.items()})
     obs, _ = envs.reset(seed=args.seed)
     reset_step = np.zeros(args.num_envs, dtype=bool)  # this step of env i only resets it (NEXT_STEP)
-    log_every = max(1, num_iterations // 20)
-    interrupted, actor_loss = False, None
+    actor_loss = None
+    stopped = stop_reason = None
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         for iteration in range(1, num_iterations + 1):
             if global_step < args.learning_starts:
                 actions = rng.uniform(low, high, (args.num_envs, act_dim)).astype(np.float32)
             else:
-                with torch.inference_mode():
-                    mu = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+                mu = actor.act(obs)
                 actions = (mu + rng.normal(0.0, explore_std, mu.shape)).clip(low, high).astype(np.float32)  # (2)
             next_obs, rewards, terminations, truncations, infos = envs.step(actions)
             global_step += args.num_envs
@@ -372,53 +526,76 @@ def train(args: Args) -> dict:
             if global_step > args.learning_starts:
                 b_obs, b_actions, b_rewards, b_next_obs, b_terminations = rb.sample(args.batch_size, device)
                 with torch.no_grad():
-                    y = ddpg_target(b_rewards, b_terminations, critic_target(b_next_obs, actor_target(b_next_obs)), args.gamma)  # (3)
-                q = critic(b_obs, b_actions)
-                qf_loss = ((q - y) ** 2).mean()  # (4)
+                    next_q = critic_target(b_next_obs, actor_target(b_next_obs))
+                    y = ddpg_target(b_rewards, b_terminations, next_q, args.gamma)  # (3)
+                qf1_values = critic(b_obs, b_actions)
+                qf1_loss = ((qf1_values - y) ** 2).mean()  # (4)
                 critic_optimizer.zero_grad(set_to_none=True)
-                qf_loss.backward()
+                qf1_loss.backward()
                 critic_optimizer.step()
 
                 if iteration % args.policy_frequency == 0:
-                    # the critic's weights are detached: only ∇_a Q flows back into θ, which is (6)
-                    actor_loss = -critic(b_obs, actor(b_obs), frozen=True).mean()  # (5)
+                    # the critic held fixed: the gradient reaches the action, not the critic's weights, which is (6)
+                    critic.requires_grad_(False)
+                    actor_loss = -critic(b_obs, actor(b_obs)).mean()  # (5)
                     actor_optimizer.zero_grad(set_to_none=True)
                     actor_loss.backward()
+                    critic.requires_grad_(True)
                     actor_optimizer.step()
                     polyak_update(actor_target, actor, args.tau)  # (7)
                     polyak_update(critic_target, critic, args.tau)  # (7)
 
                 if iteration % 100 == 0:  # .item() waits for the device: only now and then
-                    sps = int(global_step / (time.time() - start_time))
-                    writer.add_scalar("losses/qf1_values", q.mean().item(), global_step)
-                    writer.add_scalar("losses/qf1_loss", qf_loss.item(), global_step)
+                    losses = {"losses/qf1_loss": qf1_loss.item(), "losses/qf1_values": qf1_values.mean().item()}
                     if actor_loss is not None:
-                        writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
-                    writer.add_scalar("charts/SPS", sps, global_step)
-            if iteration % log_every == 0 or iteration == num_iterations:
+                        losses["losses/actor_loss"] = actor_loss.item()
+                    check_finite(global_step, losses, *saved.values())
+                    last_finite = copy.deepcopy({name: m.state_dict() for name, m in saved.items()})
+                    for key, value in losses.items():
+                        writer.add_scalar(key, value, global_step)
+                    writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+
+            if args.eval_frequency and global_step >= next_eval:
+                eval_returns = evaluate_policy(actor.act, eval_env, args.eval_episodes, args.seed + EVAL_SEED_OFFSET)
+                last_eval = (global_step, float(np.mean(eval_returns)))
+                writer.add_scalar("eval/episodic_return", last_eval[1], global_step)
+                next_eval = (global_step // args.eval_frequency + 1) * args.eval_frequency
+            if time.time() >= next_progress:
                 sps = int(global_step / (time.time() - start_time))
                 mean_ret = np.mean(recent_returns) if recent_returns else float("nan")
-                print(f"step {global_step:>9,}  SPS {sps:>6,}  return(last 20) {mean_ret:8.2f}", flush=True)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"interrupted at step {global_step:,}; closing logs", file=sys.stderr)
+                print(f"step {global_step:>11,}  SPS {sps:>6,}  return(last 20) {mean_ret:8.2f}", flush=True)
+                next_progress = time.time() + PROGRESS_SECONDS
+    except KeyboardInterrupt as e:
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        stop_reason = f"{'SIGTERM' if stopped == 'terminated' else 'Ctrl-C'} at step {global_step:,}"
+    except NonFinite as e:
+        stopped, stop_reason = "non-finite", str(e)
+        for name, m in saved.items():
+            m.load_state_dict(last_finite[name])
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+    if stopped:
+        print(f"stopped: {stop_reason}", file=sys.stderr)
 
     if args.save_model:
         path = os.path.join(run_dir, "ddpg.pt")
-        torch.save({"algorithm": "ddpg", "args": asdict(args), "actor": actor.state_dict(), "critic": critic.state_dict(),
-                    "actor_target": actor_target.state_dict(), "critic_target": critic_target.state_dict()}, path)
+        torch.save({"algorithm": "ddpg", "args": asdict(args), **{name: m.state_dict() for name, m in saved.items()}},
+                   path)
         print(f"model saved to {path}")
     envs.close()
+    if eval_env is not None:
+        eval_env.close()
     writer.close()
     wall = time.time() - start_time
-    summary = dict(env_id=args.env_id, algorithm="ddpg", exp_name=args.exp_name, seed=args.seed, global_step=global_step,
-                   wall_seconds=wall, SPS=global_step / wall,
+    eval_step, eval_return = last_eval or (None, None)
+    summary = dict(env_id=args.env_id, algorithm="ddpg", exp_name=args.exp_name, seed=args.seed,
+                   global_step=global_step, wall_seconds=wall, SPS=global_step / wall,
                    mean_return=float(np.mean(recent_returns)) if recent_returns else None,
-                   episodes_in_mean=len(recent_returns), episodes=episodes, interrupted=interrupted, run_dir=run_dir)
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+                   episodes_in_mean=len(recent_returns), episodes=episodes,
+                   eval_step=eval_step, eval_return=eval_return,
+                   stopped=stopped, stop_reason=stop_reason, versions=versions(), run_dir=run_dir)
+    return write_summary(run_dir, summary)
 
 
 if __name__ == "__main__":
-    train(tyro.cli(Args))
+    sys.exit(EXIT_CODES[train(parse_args())["stopped"]])

@@ -79,31 +79,32 @@ def test_tanh_gaussian_log_prob_is_finite_where_tanh_saturates():
 
 def test_polyak_update():
     sac = load("sac")
-    g = torch.Generator().manual_seed(1)
-    source = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
-    target = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
-    expected = [0.1 * s + 0.9 * t for s, t in zip(source, target)]
+    torch.manual_seed(1)
+    source, target = sac.QNetwork(3, 2), sac.QNetwork(3, 2)
+    before = [t.detach().clone() for t in target.parameters()]
     sac.polyak_update(target, source, 0.1)
-    for t, e in zip(target, expected):
-        torch.testing.assert_close(t, e)
+    for t, s, b in zip(target.parameters(), source.parameters(), before):
+        torch.testing.assert_close(t, 0.1 * s + 0.9 * b)
     sac.polyak_update(target, source, 1.0)  # τ = 1 copies
-    for t, s in zip(target, source):
+    for t, s in zip(target.parameters(), source.parameters()):
         torch.testing.assert_close(t, s)
 
 
-def test_twin_q_is_two_independent_mlps():
+def test_actor_step_holds_the_critics_fixed():
+    """requires_grad_(False) around the actor loss (6): the gradient reaches the action and the
+    actor, the critics get none, and they learn again afterwards."""
     sac = load("sac")
     torch.manual_seed(0)
-    qf = sac.TwinQ(3, 2)
-    obs, act = torch.randn(7, 3), torch.randn(7, 2)
-    q = qf(obs, act)
-    assert q.shape == (2, 7)
-    x = torch.cat([obs, act], 1)
-    for j in range(2):
-        (w1, w2, w3), (b1, b2, b3) = [w[j] for w in qf.weights], [b[j] for b in qf.biases]
-        slow = (torch.relu(torch.relu(x @ w1 + b1) @ w2 + b2) @ w3 + b3).squeeze(-1)
-        torch.testing.assert_close(q[j], slow)
-    torch.testing.assert_close(qf(obs, act, detached=True), q)
+    actor, qf1, qf2 = sac.Actor(3, 2, -np.ones(2), np.ones(2)), sac.QNetwork(3, 2), sac.QNetwork(3, 2)
+    obs = torch.randn(16, 3)
+    pi, log_prob = actor.sample(obs)
+    qf1.requires_grad_(False)
+    qf2.requires_grad_(False)
+    (0.2 * log_prob - torch.min(qf1(obs, pi), qf2(obs, pi))).mean().backward()
+    qf1.requires_grad_(True)
+    qf2.requires_grad_(True)
+    assert all(p.grad is None and p.requires_grad for p in [*qf1.parameters(), *qf2.parameters()])
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in actor.parameters())
 
 
 def test_actions_respect_asymmetric_bounds():
@@ -131,12 +132,13 @@ def test_runs_and_writes_summary(in_tmp_dir):
         on_disk = json.load(f)
     assert on_disk == summary
     assert list(summary) == ["env_id", "algorithm", "exp_name", "seed", "global_step", "wall_seconds", "SPS",
-                             "mean_return", "episodes_in_mean", "episodes", "interrupted", "run_dir"]
+                             "mean_return", "episodes_in_mean", "episodes", "eval_step", "eval_return", "stopped",
+                             "stop_reason", "versions", "run_dir"]
     assert summary["algorithm"] == "sac" and summary["global_step"] == 600
     for key in ["global_step", "wall_seconds", "SPS", "mean_return"]:
         assert finite(summary[key]), (key, summary[key])
     assert summary["episodes_in_mean"] == summary["episodes"] == 2  # 200-step episodes, a reset step between
-    assert not summary["interrupted"]
+    assert summary["stopped"] is None and summary["eval_step"] is None  # 600 steps: no evaluation yet
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(summary["run_dir"]))
 
 
@@ -180,6 +182,31 @@ def test_bad_input(in_tmp_dir, capsys):
     expect_refusal(capsys, "--total-timesteps", total_timesteps=0)
     expect_refusal(capsys, "--total-timesteps", total_timesteps=-100)
     expect_refusal(capsys, "--torch-threads", torch_threads=0, **TINY)
+    expect_refusal(capsys, "--target-entropy-scale", target_entropy_scale=float("nan"), **TINY)
+    # 3.3 TiB, refused before allocating (a budget as large: the replay holds at most --total-timesteps)
+    expect_refusal(capsys, "--buffer-size", buffer_size=100_000_000_000, total_timesteps=100_000_000_000)
+
+
+def test_checkpoint_holds_the_alpha_used(in_tmp_dir):
+    """--no-autotune trains with the fixed --alpha and the checkpoint says so; --autotune saves the learned α."""
+    fixed = run("sac", save_model=True, autotune=False, alpha=0.2, **TINY)
+    ckpt = torch.load(os.path.join(fixed["run_dir"], "sac.pt"), weights_only=True)
+    assert ckpt["alpha"] == pytest.approx(0.2)
+    zero = run("sac", save_model=True, autotune=False, alpha=0.0, **TINY)
+    assert torch.load(os.path.join(zero["run_dir"], "sac.pt"), weights_only=True)["alpha"] == 0.0
+    tuned = run("sac", save_model=True, **TINY)
+    alpha = torch.load(os.path.join(tuned["run_dir"], "sac.pt"), weights_only=True)["alpha"]
+    assert 0 < alpha != pytest.approx(0.2)  # 400 steps of (7) moved it
+
+
+def test_logs_the_shared_loss_keys(in_tmp_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = run("sac", **TINY)
+    tags = set(EventAccumulator(summary["run_dir"]).Reload().Tags()["scalars"])
+    for key in ["qf1_loss", "qf2_loss", "qf1_values", "qf2_values", "actor_loss", "alpha", "alpha_loss", "entropy"]:
+        assert f"losses/{key}" in tags, key
+    assert "charts/SPS" in tags and "charts/episodic_return" in tags
 
 
 def test_bad_input_from_the_command_line(in_tmp_dir):
@@ -210,7 +237,7 @@ def test_ctrl_c_saves_and_closes(in_tmp_dir, monkeypatch):
 
     monkeypatch.setattr(gym.vector.SyncVectorEnv, "step", step)
     summary = run("sac", save_model=True, total_timesteps=100_000, learning_starts=200)
-    assert summary["interrupted"] and summary["global_step"] < 100_000
+    assert summary["stopped"] == "interrupted" and summary["global_step"] < 100_000
     assert os.path.isfile(os.path.join(summary["run_dir"], "sac.pt"))
     assert os.path.isfile(os.path.join(summary["run_dir"], "summary.json"))
 

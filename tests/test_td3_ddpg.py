@@ -74,14 +74,16 @@ def test_ddpg_target_matches_loop():
 
 
 def test_ddpg_actor_gradient_is_the_deterministic_policy_gradient():
-    """-Q(s, μ(s)) with the critic frozen: the actor's gradient is ∇_a Q · ∇_θ μ, (6); the
-    critic gets none."""
+    """-Q(s, μ(s)) with the critic held fixed (requires_grad_(False) around the backward, as
+    train() does): the actor's gradient is ∇_a Q · ∇_θ μ, (6); the critic gets none."""
     ddpg = load("ddpg")
     torch.manual_seed(0)
     actor = ddpg.Actor(3, 2, np.array([-1.0, 0.0], dtype=np.float32), np.array([3.0, 0.5], dtype=np.float32))
     critic = ddpg.QNetwork(3, 2)
     obs = torch.randn(8, 3)
-    (-critic(obs, actor(obs), frozen=True).mean()).backward()
+    critic.requires_grad_(False)
+    (-critic(obs, actor(obs)).mean()).backward()
+    critic.requires_grad_(True)
     assert all(p.grad is None for p in critic.parameters())
     a = actor(obs).detach().requires_grad_(True)
     (grad_a,) = torch.autograd.grad(-critic(obs, a).mean(), a)
@@ -107,25 +109,29 @@ def test_polyak_update(name):
 
 
 def test_td3_actor_loss_moves_only_the_actor():
-    """The actor's loss -Q_1(s, μ(s)) leaves the critic without gradients, and its gradient is
+    """The actor's loss -Q_1(s, μ(s)) with Q_1 held fixed (requires_grad_(False) around the
+    backward, as train() does) leaves the critic without gradients, and its gradient is
     ∇_a Q_1 · ∇_θ μ (the deterministic policy gradient)."""
     td3 = load("td3")
     torch.manual_seed(0)
     actor = td3.Actor(3, 1, np.array([-2.0], dtype=np.float32), np.array([2.0], dtype=np.float32))
-    critic = td3.TwinQ(3, 1)
+    qf1, qf2 = td3.QNetwork(3, 1), td3.QNetwork(3, 1)
     obs = torch.randn(8, 3)
-    loss = -critic(obs, actor(obs), first_only=True).mean()
+    qf1.requires_grad_(False)
+    loss = -qf1(obs, actor(obs)).mean()
     loss.backward()
-    assert all(p.grad is None for p in critic.parameters())
+    qf1.requires_grad_(True)
+    assert all(p.grad is None for p in qf1.parameters())
+    assert all(p.requires_grad for p in qf1.parameters())  # the critic's own step still trains it
     # chain rule by hand: dL/da from the critic, then a·(dL/da) back through the actor
     a = actor(obs).detach().requires_grad_(True)
-    (grad_a,) = torch.autograd.grad(-critic(obs, a)[0].mean(), a)
+    (grad_a,) = torch.autograd.grad(-qf1(obs, a).mean(), a)
     expected = torch.autograd.grad((actor(obs) * grad_a).sum(), list(actor.parameters()))
     for p, e in zip(actor.parameters(), expected):
         assert torch.allclose(p.grad, e, atol=1e-6)
-    # the twin critics are two different networks, Q_1 is the first
-    q = critic(obs, a.detach())
-    assert q.shape == (2, 8) and not torch.allclose(q[0], q[1])
+    # the twin critics are two different networks
+    q1, q2 = qf1(obs, a.detach()), qf2(obs, a.detach())
+    assert q1.shape == (8,) and not torch.allclose(q1, q2)
 
 
 # ---------------------------------------------------------------- smoke
@@ -138,12 +144,14 @@ def test_runs_and_writes_summary(name):
         on_disk = json.load(f)
     assert on_disk == summary
     assert list(summary) == ["env_id", "algorithm", "exp_name", "seed", "global_step", "wall_seconds", "SPS",
-                             "mean_return", "episodes_in_mean", "episodes", "interrupted", "run_dir"]
+                             "mean_return", "episodes_in_mean", "episodes", "eval_step", "eval_return", "stopped",
+                             "stop_reason", "versions", "run_dir"]
     assert summary["algorithm"] == name and summary["global_step"] == 600
     for key in ["global_step", "wall_seconds", "SPS", "mean_return"]:
         assert finite(summary[key]), (key, summary[key])
     # 600 steps: episodes end at steps 200 and 401 (each NEXT_STEP reset takes a step)
-    assert summary["episodes_in_mean"] == 2 and not summary["interrupted"]
+    assert summary["episodes_in_mean"] == 2 and summary["stopped"] is None
+    assert summary["eval_step"] is None  # the default --eval-frequency 10,000 is beyond 600 steps
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(summary["run_dir"]))
 
 
@@ -183,6 +191,9 @@ def test_bad_input(name, capsys):
     expect_refusal(name, capsys, "--total-timesteps", total_timesteps=0)
     expect_refusal(name, capsys, "--total-timesteps", total_timesteps=-100)
     expect_refusal(name, capsys, "--torch-threads", torch_threads=0)
+    expect_refusal(name, capsys, "--learning-rate", learning_rate=-1.0)
+    # a replay larger than the machine's memory is refused before anything is allocated
+    expect_refusal(name, capsys, "--buffer-size", buffer_size=10**11, total_timesteps=10**11)
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -206,7 +217,7 @@ def test_ctrl_c_saves_and_closes(name, monkeypatch):
 
     monkeypatch.setattr(gym.vector.SyncVectorEnv, "step", step)
     summary = run(name, save_model=True, total_timesteps=100_000, learning_starts=250)
-    assert summary["interrupted"] and summary["global_step"] == 299
+    assert summary["stopped"] == "interrupted" and summary["global_step"] == 299
     assert os.path.isfile(os.path.join(summary["run_dir"], f"{name}.pt"))
     assert os.path.isfile(os.path.join(summary["run_dir"], "summary.json"))
 
