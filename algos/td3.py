@@ -284,7 +284,10 @@ def check_env(env_id: str, capture_video: bool = False):
 def check_memory(nbytes: int, what: str):
     """Refuse a buffer larger than the machine's physical memory before allocating it: NumPy
     would reserve it lazily and the run would die when the replay fills, hours later."""
-    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the size cannot be checked
+        return
     if nbytes > physical:
         fail(f"{what} needs {nbytes / 2**30:,.1f} GiB, more than the {physical / 2**30:,.1f} GiB of physical "
              "memory of this machine: make it smaller")

@@ -154,3 +154,14 @@ def test_structure_of_the_shared_parts(name):
     assert not long, f"{name}.py: lines over 120 characters: {long}"
     for private in ["torch._foreach", "first_only=", "frozen=", "detached="]:
         assert private not in text, f"{name}.py: {private} (CONTRIBUTING.md has the one form)"
+
+
+@pytest.mark.parametrize("name", [n for n in ALGOS if hasattr(load(n), "check_memory")])
+def test_memory_check_refuses_too_much_and_runs_without_sysconf(name, capsys, monkeypatch):
+    """A replay larger than physical memory is one line; where os.sysconf does not exist (Windows)
+    the check cannot tell and steps aside instead of failing."""
+    with pytest.raises(SystemExit) as e:
+        load(name).check_memory(2**62, "--buffer-size")
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --buffer-size needs")
+    monkeypatch.delattr(os, "sysconf")
+    assert load(name).check_memory(2**62, "--buffer-size") is None

@@ -165,10 +165,28 @@ def test_ppo_minibatches_of_one_sample_stay_finite(in_tmp_dir):
     assert summary["stopped"] is None and finite(summary["mean_return"])
 
 
-def test_ppo_target_kl_reads_each_epoch(in_tmp_dir):
-    """A tiny target_kl stops the epochs early; the run stays finite."""
-    summary = run("ppo", target_kl=1e-6, **TINY["ppo"])
-    assert summary["stopped"] is None
+def optimizer_steps(name, **overrides):
+    """The number of optimiser steps of one run, counted by torch.optim's global post-hook."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    steps = [0]
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: steps.__setitem__(0, steps[0] + 1))
+    try:
+        summary = run(name, **overrides)
+    finally:
+        handle.remove()
+    assert summary["stopped"] is None and finite(summary["mean_return"])
+    return steps[0]
+
+
+@pytest.mark.parametrize("name", ["ppo", "ppo_continuous"])
+def test_ppo_target_kl_stops_after_the_epoch_that_passes_it(name, in_tmp_dir):
+    """The KL is read per epoch, from that epoch's minibatches: a target_kl that every epoch's KL passes
+    stops each iteration after exactly one epoch of minibatches, where no target runs them all."""
+    args = load(name).Args(**TINY[name])
+    iterations = args.total_timesteps // (args.num_envs * args.num_steps)
+    assert optimizer_steps(name, **TINY[name]) == iterations * args.update_epochs * args.num_minibatches
+    assert optimizer_steps(name, target_kl=1e-12, **TINY[name]) == iterations * args.num_minibatches
 
 
 def test_ppo_continuous_minibatches_of_one_sample_stay_finite(in_tmp_dir):
@@ -176,12 +194,6 @@ def test_ppo_continuous_minibatches_of_one_sample_stay_finite(in_tmp_dir):
     dropping reset rows leaves minibatches of one sample, which must not be normalised by its own std."""
     summary = run("ppo_continuous", env_id="InvertedPendulum-v4", num_steps=16, num_minibatches=8,
                   update_epochs=2, total_timesteps=2048)
-    assert summary["stopped"] is None and finite(summary["mean_return"])
-
-
-def test_ppo_continuous_target_kl_reads_each_epoch(in_tmp_dir):
-    """A tiny target_kl stops the epochs early; the run stays finite."""
-    summary = run("ppo_continuous", target_kl=1e-6, **TINY["ppo_continuous"])
     assert summary["stopped"] is None and finite(summary["mean_return"])
 
 
