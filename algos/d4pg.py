@@ -219,7 +219,7 @@ ARG_RANGES = {
 }
 PROGRESS_SECONDS = 10.0  # a progress line after the first second, then every this many seconds
 EVAL_SEED_OFFSET = 10_000  # the evaluation env's seed is args.seed + this: other starts than training's
-EXIT_CODES = {None: 0, "non-finite": 1, "interrupted": 130, "terminated": 143}  # as shells expect
+EXIT_CODES = {None: 0, "non-finite": 1, "child-failed": 1, "interrupted": 130, "terminated": 143}  # as shells expect
 
 
 def fail(message: str):
@@ -267,6 +267,10 @@ def raise_terminated(signum, frame):
 
 class NonFinite(Exception):
     """A loss or parameter turned NaN or infinite: training stops."""
+
+
+class ChildFailed(Exception):
+    """A child process raised an error or died: training stops."""
 
 
 def check_finite(global_step: int, losses: dict, *modules: nn.Module):
@@ -341,7 +345,10 @@ def check_env(env_id: str, capture_video: bool = False):
 def check_memory(nbytes: int, what: str):
     """Refuse a buffer larger than the machine's physical memory before allocating it: NumPy
     would reserve it lazily and the run would die when the replay fills, hours later."""
-    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): the size cannot be checked
+        return
     if nbytes > physical:
         fail(f"{what} needs {nbytes / 2**30:,.1f} GiB, more than the {physical / 2**30:,.1f} GiB of physical "
              "memory of this machine: make it smaller")
@@ -529,10 +536,18 @@ def next_command(commands):
                 return None
 
 
-def actor_process(rank: int, args: Args, shared_actor: Actor, run_dir: str, commands, results):
+def actor_process(rank: int, args: Args, shared_actor: Actor, run_dir: str, commands, results, errors):
     """One actor: waits for a round number, acts `rollout_steps` vector steps with the
     shared weights (uniformly random before learning_starts) and sends back its N-step
-    transitions and finished episodes. None stops it."""
+    transitions and finished episodes. None stops it. An error goes to the learner as one line."""
+    try:
+        act_in_rounds(rank, args, shared_actor, run_dir, commands, results)
+    except Exception as e:
+        errors.put((rank, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"))
+        sys.exit(1)  # the learner reports the line; no traceback of the child's own
+
+
+def act_in_rounds(rank: int, args: Args, shared_actor: Actor, run_dir: str, commands, results):
     torch.set_num_threads(1)
     seed = args.seed + 1000 * (rank + 1)
     rng = np.random.default_rng(seed)
@@ -665,14 +680,27 @@ def evaluate(args: Args) -> dict:
     return write_summary(run_dir, summary)
 
 
-def receive(results, process, rank: int):
-    """The next message of one actor, or a clear error if its process has died."""
+def check_children(processes: list, errors, role: str):
+    """Raise ChildFailed if a child process has stopped: with the first line of its own error if it
+    sent one, else its exit code (a negative code is the signal that killed it)."""
+    for rank, p in enumerate(processes):
+        if not p.is_alive():
+            try:
+                rank, message = errors.get(timeout=1.0)  # its last words may still be on their way
+            except queue.Empty:
+                code = p.exitcode
+                message = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                raise ChildFailed(f"{role} {rank} died ({message})")
+            raise ChildFailed(f"{role} {rank} failed: {message}")
+
+
+def receive(results, processes: list, rank: int, errors):
+    """The next message of one actor; ChildFailed if any actor has stopped."""
     while True:
         try:
             return results.get(timeout=1.0)
         except queue.Empty:
-            if not process.is_alive():
-                raise RuntimeError(f"actor process {rank} died (exit code {process.exitcode})")
+            check_children(processes, errors, "actor")
 
 
 def train(args: Args) -> dict:
@@ -728,8 +756,9 @@ def train(args: Args) -> dict:
     ctx = mp.get_context("spawn")
     commands = [ctx.Queue() for _ in range(args.num_actors)]
     results = [ctx.Queue() for _ in range(args.num_actors)]
+    errors = ctx.Queue()
     processes = [ctx.Process(target=actor_process, daemon=True,
-                             args=(rank, args, shared_actor, run_dir, commands[rank], results[rank]))
+                             args=(rank, args, shared_actor, run_dir, commands[rank], results[rank], errors))
                  for rank in range(args.num_actors)]
 
     def learner_step(step: int, beta: float):
@@ -805,7 +834,7 @@ def train(args: Args) -> dict:
                         writer.add_scalar(key, value, global_step)
                     writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
             for rank in range(args.num_actors):
-                _, transitions, finished = receive(results[rank], processes[rank], rank)
+                _, transitions, finished = receive(results[rank], processes, rank, errors)
                 if transitions:
                     rb.add(*transitions)
                 for r, length in finished:
@@ -835,6 +864,8 @@ def train(args: Args) -> dict:
         stopped, stop_reason = "non-finite", str(e)
         for name, m in saved.items():
             m.load_state_dict(last_finite[name])
+    except ChildFailed as e:
+        stopped, stop_reason = "child-failed", str(e)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
         # stop the actors in every case, also on an error: each finishes its round, closes its envs and exits

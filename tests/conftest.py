@@ -22,6 +22,9 @@ TINY = {
     "td3": dict(total_timesteps=600, learning_starts=200),
     "sac": dict(total_timesteps=600, learning_starts=200),
     "d4pg": dict(total_timesteps=600, learning_starts=200, rollout_steps=20),
+    "a3c": dict(total_timesteps=2000, num_workers=2),
+    "impala": dict(total_timesteps=2000, num_actors=2),
+    "es": dict(total_timesteps=5000),
 }
 
 

@@ -396,6 +396,73 @@ def test_actors_stop_when_the_learner_dies(in_tmp_dir):
     assert left == [], "actor processes outlived their learner"
 
 
+def actor_pids(pid):
+    """The actor processes a learner spawned (its children, less multiprocessing's resource tracker)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError):
+            continue
+        if ppid == pid and b"resource_tracker" not in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def test_a_killed_actor_stops_the_run_with_one_line(in_tmp_dir):
+    """SIGKILL to one actor: the learner names it and the signal in one line, stops the other actor,
+    writes summary.json (stopped: child-failed) and exits 1: no traceback, no hang, no process left."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ALGOS_DIR, "d4pg.py"), "--num-actors", "2",
+                             "--total-timesteps", "40000", "--learning-starts", "500", "--no-cuda"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, line = time.time() + 240, ""
+    while time.time() < deadline and not line.startswith("step"):
+        if select.select([proc.stdout], [], [], 1.0)[0]:
+            line = proc.stdout.readline()
+            if not line:
+                break
+    assert line.startswith("step"), (line, proc.poll())
+    actors = actor_pids(proc.pid)
+    assert len(actors) == 2, actors
+    os.kill(actors[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("stopped: actor "), err[-500:]
+    assert "killed by SIGKILL" in err
+    [run_dir] = os.listdir("runs")
+    with open(os.path.join("runs", run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["stopped"] == "child-failed" and "killed by SIGKILL" in summary["stop_reason"]
+    assert wait_for_empty_group(proc.pid, 10) == []
+
+
+def test_an_actor_error_is_reported_in_its_own_words(in_tmp_dir):
+    """An exception inside an actor reaches the learner as its first line, not as 'died'."""
+    d4pg = load("d4pg")
+    errors = d4pg.mp.get_context("spawn").Queue()
+    with pytest.raises(SystemExit) as e:  # the actor's body, run here: its env cannot be made
+        d4pg.actor_process(0, d4pg.Args(env_id="NoSuchEnv-v0"), None, "runs", None, None, errors)
+    assert e.value.code == 1
+    rank, message = errors.get(timeout=5)
+    assert rank == 0 and message.startswith("NameNotFound: ") and "\n" not in message
+
+    class Stopped:  # a finished process, as the learner sees it
+        exitcode = 1
+
+        def is_alive(self):
+            return False
+
+    errors.put((1, "ValueError: the env said no"))
+    with pytest.raises(d4pg.ChildFailed, match="actor 1 failed: ValueError: the env said no"):
+        d4pg.check_children([Stopped(), Stopped()], errors, "actor")
+    with pytest.raises(d4pg.ChildFailed, match=r"actor 0 died \(exit code 1\)"):
+        d4pg.check_children([Stopped()], errors, "actor")
+
+
 def test_logs_the_shared_loss_keys():
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
