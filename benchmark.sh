@@ -4,7 +4,7 @@
 #   ./benchmark.sh quick      every script on its learning-test task, 1 seed (under 30 min on 2 cores)
 #   ./benchmark.sh full       the standard tasks, 3 seeds, the budgets of the published results (hours)
 #   ./benchmark.sh offpolicy  the off-policy scripts on Hopper-v4, 200k steps, 1 seed (a CPU-sized slice of `full`)
-#   ./benchmark.sh scaling    impala and es with 1 and then 2 processes, same budget (run alone: SPS is the point)
+#   ./benchmark.sh scaling    a3c, impala and es with 1 and then 2 processes, same budget (run alone: SPS is the point)
 #   JOBS=2 ./benchmark.sh full   run two at a time (SPS figures then share the CPU)
 #   ONLY=Hopper ./benchmark.sh full   only the plan lines that match this regular expression
 #   SEEDS="2 3" ./benchmark.sh offpolicy   other seeds than the profile's; the report covers every
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 usage="usage: $0 quick|full|offpolicy|scaling  (quick: every script on its test task, 1 seed, ~30 min on 2 cores;
        full: standard tasks, 3 seeds, hours; offpolicy: ddpg/td3/sac/d4pg on Hopper-v4, 200k steps;
-       scaling: impala/es with 1 and 2 processes)"
+       scaling: a3c/impala/es with 1 and 2 processes)"
 if [ $# -ne 1 ]; then echo "$usage" >&2; exit 2; fi
 profile="$1"
 jobs="${JOBS:-1}"
@@ -35,6 +35,7 @@ a2c.py             a2c                 --env-id CartPole-v1
 ppo.py             ppo                 --env-id CartPole-v1
 ppo.py             ppo_cleanrl_settings --env-id CartPole-v1 --num-envs 4 --num-steps 128 --learning-rate 2.5e-4
 ppo_continuous.py  ppo_continuous      --env-id InvertedPendulum-v4 --total-timesteps 150000
+a3c.py             a3c                 --env-id CartPole-v1 --num-workers 2
 impala.py          impala              --env-id CartPole-v1 --num-actors 2
 es.py              es                  --env-id CartPole-v1 --num-workers 2
 PLAN
@@ -73,6 +74,8 @@ PLAN
 scaling)
   seeds="1"
   plan=$(cat <<'PLAN'
+a3c.py             a3c_1_worker        --env-id CartPole-v1 --total-timesteps 200000 --num-workers 1
+a3c.py             a3c_2_workers       --env-id CartPole-v1 --total-timesteps 200000 --num-workers 2
 impala.py          impala_1_actor      --env-id CartPole-v1 --total-timesteps 200000 --num-actors 1
 impala.py          impala_2_actors     --env-id CartPole-v1 --total-timesteps 200000 --num-actors 2
 es.py              es_1_worker         --env-id CartPole-v1 --total-timesteps 300000 --num-workers 1
