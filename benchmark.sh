@@ -4,7 +4,9 @@
 #   ./benchmark.sh quick      every script on its learning-test task, 1 seed (under 30 min on 2 cores)
 #   ./benchmark.sh full       the standard tasks, 3 seeds, the budgets of the published results (hours)
 #   ./benchmark.sh offpolicy  the off-policy scripts on Hopper-v4, 200k steps, 1 seed (a CPU-sized slice of `full`)
-#   ./benchmark.sh scaling    a3c, impala and es with 1 and then 2 processes, same budget (run alone: SPS is the point)
+#   ./benchmark.sh scaling    a3c, impala and es with 1 and then 2 processes, same budget, 3 seeds
+#                             (run alone: SPS is the point; budgets of a minute or more, so that the
+#                             children's start-up, 2-3 s, does not set the figure)
 #   JOBS=2 ./benchmark.sh full   run two at a time (SPS figures then share the CPU)
 #   ONLY=Hopper ./benchmark.sh full   only the plan lines that match this regular expression
 #   SEEDS="2 3" ./benchmark.sh offpolicy   other seeds than the profile's; the report covers every
@@ -72,14 +74,14 @@ PLAN
 )
   ;;
 scaling)
-  seeds="1"
+  seeds="1 2 3"  # runs alternate by seed: three pairs of 1 and 2 processes
   plan=$(cat <<'PLAN'
-a3c.py             a3c_1_worker        --env-id CartPole-v1 --total-timesteps 200000 --num-workers 1
-a3c.py             a3c_2_workers       --env-id CartPole-v1 --total-timesteps 200000 --num-workers 2
-impala.py          impala_1_actor      --env-id CartPole-v1 --total-timesteps 200000 --num-actors 1
-impala.py          impala_2_actors     --env-id CartPole-v1 --total-timesteps 200000 --num-actors 2
-es.py              es_1_worker         --env-id CartPole-v1 --total-timesteps 300000 --num-workers 1
-es.py              es_2_workers        --env-id CartPole-v1 --total-timesteps 300000 --num-workers 2
+a3c.py             a3c_1_worker        --env-id CartPole-v1 --total-timesteps 500000 --num-workers 1
+a3c.py             a3c_2_workers       --env-id CartPole-v1 --total-timesteps 500000 --num-workers 2
+impala.py          impala_1_actor      --env-id CartPole-v1 --total-timesteps 2000000 --num-actors 1
+impala.py          impala_2_actors     --env-id CartPole-v1 --total-timesteps 2000000 --num-actors 2
+es.py              es_1_worker         --env-id CartPole-v1 --total-timesteps 3000000 --num-workers 1
+es.py              es_2_workers        --env-id CartPole-v1 --total-timesteps 3000000 --num-workers 2
 PLAN
 )
   ;;
@@ -88,13 +90,13 @@ esac
 seeds="${SEEDS:-$seeds}"
 
 commands=()
-while read -r script name rest; do
-  [ -n "$script" ] || continue
-  [[ "$script $name $rest" =~ ${ONLY:-.} ]] || continue
-  for seed in $seeds; do
+for seed in $seeds; do  # seeds outermost: runs to be compared alternate, so a drift of the machine's speed hits all alike
+  while read -r script name rest; do
+    [ -n "$script" ] || continue
+    [[ "$script $name $rest" =~ ${ONLY:-.} ]] || continue
     commands+=("cd '$runs' && python '$root/algos/$script' --exp-name $name --seed $seed $rest > '$runs/$name-$seed-$(echo "$rest" | tr -dc 'A-Za-z0-9' | head -c 40).log' 2>&1")
-  done
-done <<< "$plan"
+  done <<< "$plan"
+done
 
 echo "$profile: ${#commands[@]} runs, $jobs at a time; logs and runs in $runs"
 printf '%s\n' "${commands[@]}" | xargs -P "$jobs" -I{} bash -c '{} || echo "failed: {}"'
