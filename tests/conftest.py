@@ -25,6 +25,7 @@ TINY = {
     "a3c": dict(total_timesteps=2000, num_workers=2),
     "impala": dict(total_timesteps=2000, num_actors=2),
     "es": dict(total_timesteps=5000),
+    "acer": dict(total_timesteps=2000),
 }
 
 
