@@ -26,6 +26,7 @@ TINY = {
     "impala": dict(total_timesteps=2000, num_actors=2),
     "es": dict(total_timesteps=5000),
     "acer": dict(total_timesteps=2000),
+    "offpac": dict(total_timesteps=2000, learning_starts=500),
 }
 
 
