@@ -4,6 +4,7 @@
 #   ./benchmark.sh quick      every script on its learning-test task, 1 seed (under 30 min on 2 cores)
 #   ./benchmark.sh full       the standard tasks, 3 seeds, the budgets of the published results (hours)
 #   ./benchmark.sh offpolicy  the off-policy scripts on Hopper-v4, 200k steps, 1 seed (a CPU-sized slice of `full`)
+#   ./benchmark.sh replay     acer and offpac against a2c and ppo on CartPole-v1 at their defaults, 3 seeds (steps to 475)
 #   ./benchmark.sh scaling    a3c, impala and es with 1 and then 2 processes, same budget, 3 seeds
 #                             (run alone: SPS is the point; budgets of a minute or more, so that the
 #                             children's start-up, 2-3 s, does not set the figure)
@@ -15,9 +16,9 @@
 # Runs go to benchmark/runs/<profile>/ (not committed); the report to benchmark/<profile>/.
 set -euo pipefail
 cd "$(dirname "$0")"
-usage="usage: $0 quick|full|offpolicy|scaling  (quick: every script on its test task, 1 seed, ~30 min on 2 cores;
+usage="usage: $0 quick|full|offpolicy|replay|scaling  (quick: every script on its test task, 1 seed, ~30 min on 2 cores;
        full: standard tasks, 3 seeds, hours; offpolicy: ddpg/td3/sac/d4pg on Hopper-v4, 200k steps;
-       scaling: a3c/impala/es with 1 and 2 processes)"
+       replay: acer/offpac vs a2c/ppo, 3 seeds; scaling: a3c/impala/es with 1 and 2 processes)"
 if [ $# -ne 1 ]; then echo "$usage" >&2; exit 2; fi
 profile="$1"
 jobs="${JOBS:-1}"
@@ -40,6 +41,8 @@ ppo_continuous.py  ppo_continuous      --env-id InvertedPendulum-v4 --total-time
 a3c.py             a3c                 --env-id CartPole-v1 --num-workers 2
 impala.py          impala              --env-id CartPole-v1 --num-actors 2
 es.py              es                  --env-id CartPole-v1 --num-workers 2
+acer.py            acer                --env-id CartPole-v1
+offpac.py          offpac              --env-id CartPole-v1
 PLAN
 )
   ;;
@@ -70,6 +73,16 @@ ddpg.py            ddpg                --env-id Hopper-v4 --total-timesteps 2000
 td3.py             td3                 --env-id Hopper-v4 --total-timesteps 200000 --learning-starts 25000
 sac.py             sac                 --env-id Hopper-v4 --total-timesteps 200000
 d4pg.py            d4pg                --env-id Hopper-v4 --total-timesteps 200000 --learning-starts 25000
+PLAN
+)
+  ;;
+replay)
+  seeds="1 2 3"  # the sample efficiency replay buys: steps to 475 with and without it, same seeds, default budgets
+  plan=$(cat <<'PLAN'
+acer.py            acer                --env-id CartPole-v1
+offpac.py          offpac              --env-id CartPole-v1
+a2c.py             a2c                 --env-id CartPole-v1
+ppo.py             ppo                 --env-id CartPole-v1
 PLAN
 )
   ;;
