@@ -392,8 +392,6 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
-
-
 def mlp(obs_dim: int, out_dim: int, out_std: float):
     return nn.Sequential(
         layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
