@@ -27,6 +27,8 @@ TINY = {
     "es": dict(total_timesteps=5000),
     "acer": dict(total_timesteps=2000),
     "offpac": dict(total_timesteps=2000, learning_starts=500),
+    "acktr": dict(total_timesteps=2000),
+    "trpo": dict(env_id="InvertedPendulum-v4", total_timesteps=1024, num_steps=256, vf_epochs=2, vf_minibatches=4),
 }
 
 
