@@ -43,6 +43,8 @@ impala.py          impala              --env-id CartPole-v1 --num-actors 2
 es.py              es                  --env-id CartPole-v1 --num-workers 2
 acer.py            acer                --env-id CartPole-v1
 offpac.py          offpac              --env-id CartPole-v1
+trpo.py            trpo                --env-id InvertedPendulum-v4 --total-timesteps 100000
+acktr.py           acktr               --env-id CartPole-v1
 PLAN
 )
   ;;
@@ -59,6 +61,7 @@ ppo.py             ppo                 --env-id Acrobot-v1
 ppo.py             ppo                 --env-id LunarLander-v3 --total-timesteps 1000000
 ppo_continuous.py  ppo_continuous      --env-id InvertedPendulum-v4 --total-timesteps 300000
 ppo_continuous.py  ppo_continuous      --env-id Hopper-v4 --total-timesteps 1000000
+trpo.py            trpo                --env-id Hopper-v4 --total-timesteps 1000000
 ddpg.py            ddpg                --env-id Hopper-v4 --total-timesteps 1000000 --learning-starts 25000
 td3.py             td3                 --env-id Hopper-v4 --total-timesteps 1000000 --learning-starts 25000
 sac.py             sac                 --env-id Hopper-v4 --total-timesteps 1000000
