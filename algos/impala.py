@@ -607,8 +607,9 @@ class SharedMemoryActors:
     def next_unroll(self) -> int:
         """The slot of the next finished unroll."""
         while not self.full:
-            self.check()
             ready = multiprocessing.connection.wait(list(self.conns.values()), timeout=1.0)
+            if not ready:  # a second with nothing: has an actor died? (its pipe then also reads EOF, below)
+                self.check()
             for rank, conn in self.conns.items():
                 if conn in ready:
                     try:
@@ -839,10 +840,6 @@ def train(args: Args) -> dict:
     actors = (DistributedActors(args, agent.actor, obs_dim, num_unrolls) if distributed
               else SharedMemoryActors(args, agent.actor, obs_dim, num_unrolls, run_dir))
 
-    def columns(x, rows):
-        """[B, rows, N, ...] slots to [rows, B * N, ...]: column b * N + i is env i of unroll b."""
-        return x.transpose(0, 1).reshape(rows, B * N, *x.shape[3:])
-
     global_step, start_time = 0, time.time()
     next_progress, next_eval = start_time + 1.0, args.eval_frequency
     recent_returns = deque(maxlen=20)
@@ -857,7 +854,10 @@ def train(args: Args) -> dict:
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - update / num_updates)
             slots = [actors.next_unroll() for _ in range(B)]
-            batch = {key: value[slots] for key, value in actors.buffers.items()}  # a copy: the slots are free again
+            # one copy of each buffer, [rows, B * N, ...] (column b * N + i is env i of unroll b): the slots are free
+            # again once it is made; version stays [B, T]
+            batch = {key: value[slots] if key == "version" else value.transpose(0, 1)[:, slots].flatten(1, 2)
+                     for key, value in actors.buffers.items()}
             actors.release(slots)
             lags = policy_lag(batch["version"], update)
             lag_sum, lag_count = lag_sum + int(lags.sum()), lag_count + B
@@ -869,19 +869,19 @@ def train(args: Args) -> dict:
                 writer.add_scalar("charts/episodic_return", r, global_step)
                 writer.add_scalar("charts/episodic_length", length, global_step)
 
-            obs = columns(batch["obs"], T + 1).to(device)
-            actions = columns(batch["actions"], T).to(device)
+            obs = batch["obs"].to(device)
+            actions = batch["actions"].to(device)
             logits = agent.actor(obs[:-1])
             values = agent.critic(obs).squeeze(-1)  # V(s_0) .. V(s_T), with gradient
             logp_all = logits.log_softmax(-1)
             target_logp = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
             entropy = -(logp_all.exp() * logp_all).sum(-1)
             vs, pg_advantages = (torch.as_tensor(x, device=device) for x in vtrace(
-                columns(batch["logp"], T).numpy(), target_logp.detach().cpu().numpy(),
-                args.reward_scale * columns(batch["rewards"], T).numpy(), values.detach().cpu().numpy(),
-                columns(batch["terminations"], T).numpy(), columns(batch["truncations"], T).numpy(),
+                batch["logp"].numpy(), target_logp.detach().cpu().numpy(),
+                args.reward_scale * batch["rewards"].numpy(), values.detach().cpu().numpy(),
+                batch["terminations"].numpy(), batch["truncations"].numpy(),
                 args.gamma, args.rho_bar, args.c_bar))
-            valid = ~columns(batch["resets"], T).to(device)  # reset rows hold no transition
+            valid = ~batch["resets"].to(device)  # reset rows hold no transition
             pg_loss = -(pg_advantages * target_logp)[valid].mean()  # (6)
             v_loss = 0.5 * ((vs - values[:-1])[valid] ** 2).mean()  # (5)
             entropy_loss = entropy[valid].mean()
