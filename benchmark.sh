@@ -4,6 +4,8 @@
 #   ./benchmark.sh quick      every script on its learning-test task, 1 seed (under 30 min on 2 cores)
 #   ./benchmark.sh full       the standard tasks, 3 seeds, the budgets of the published results (hours)
 #   ./benchmark.sh offpolicy  the off-policy scripts on Hopper-v4, 200k steps, 1 seed (a CPU-sized slice of `full`)
+#   ./benchmark.sh hopper200k ddpg/td3/sac/d4pg on Hopper-v4 for 200k steps and ppo_continuous/trpo for 1M, 3 seeds,
+#                             deterministic evaluation every 10k (50k) steps, beside published figures (hours: JOBS=2)
 #   ./benchmark.sh replay     acer and offpac against a2c and ppo on CartPole-v1 at their defaults, 3 seeds (steps to 475)
 #   ./benchmark.sh scaling    a3c, impala and es with 1 and then 2 processes, same budget, 3 seeds
 #                             (run alone: SPS is the point; budgets of a minute or more, so that the
@@ -16,8 +18,9 @@
 # Runs go to benchmark/runs/<profile>/ (not committed); the report to benchmark/<profile>/.
 set -euo pipefail
 cd "$(dirname "$0")"
-usage="usage: $0 quick|full|offpolicy|replay|scaling  (quick: every script on its test task, 1 seed, ~30 min on 2 cores;
+usage="usage: $0 quick|full|offpolicy|hopper200k|replay|scaling  (quick: every script on its test task, 1 seed, ~30 min on 2 cores;
        full: standard tasks, 3 seeds, hours; offpolicy: ddpg/td3/sac/d4pg on Hopper-v4, 200k steps;
+       hopper200k: off-policy at 200k and on-policy at 1M on Hopper-v4, 3 seeds, deterministic evaluation;
        replay: acer/offpac vs a2c/ppo, 3 seeds; scaling: a3c/impala/es with 1 and 2 processes)"
 if [ $# -ne 1 ]; then echo "$usage" >&2; exit 2; fi
 profile="$1"
@@ -76,6 +79,18 @@ ddpg.py            ddpg                --env-id Hopper-v4 --total-timesteps 2000
 td3.py             td3                 --env-id Hopper-v4 --total-timesteps 200000 --learning-starts 25000
 sac.py             sac                 --env-id Hopper-v4 --total-timesteps 200000
 d4pg.py            d4pg                --env-id Hopper-v4 --total-timesteps 200000 --learning-starts 25000
+PLAN
+)
+  ;;
+hopper200k)
+  seeds="1 2 3"  # the papers' way: deterministic evaluations (10 episodes every 10k steps), 3 seeds; JOBS=2 runs two at a time
+  plan=$(cat <<'PLAN'
+ddpg.py            ddpg                --env-id Hopper-v4 --total-timesteps 200000 --learning-starts 25000 --eval-frequency 10000
+td3.py             td3                 --env-id Hopper-v4 --total-timesteps 200000 --learning-starts 25000 --eval-frequency 10000
+sac.py             sac                 --env-id Hopper-v4 --total-timesteps 200000 --eval-frequency 10000
+d4pg.py            d4pg                --env-id Hopper-v4 --total-timesteps 200000 --learning-starts 25000 --eval-frequency 10000
+ppo_continuous.py  ppo_continuous      --env-id Hopper-v4 --total-timesteps 1000000 --eval-frequency 50000
+trpo.py            trpo                --env-id Hopper-v4 --total-timesteps 1000000 --eval-frequency 50000
 PLAN
 )
   ;;
