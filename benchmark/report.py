@@ -31,6 +31,31 @@ THRESHOLDS = {
 }
 WINDOW = 20
 
+# Published figures set beside a row whose script, task family and budget match (within 5% of the steps):
+# (script, task prefix, env steps, figure, source). Env versions differ from ours (v4): each source says its own.
+TD3_PAPER = "TD3 paper (Fujimoto et al. 2018, authors' curve data), Hopper-v1, 10 seeds, deterministic evaluation"
+TIANSHOU = "Tianshou MuJoCo benchmark, Hopper-v3, 10 seeds, test returns"
+CLEANRL = "CleanRL (Open RL Benchmark), Hopper-v4, 3 seeds, training returns"
+PUBLISHED = [
+    ("td3", "Hopper", 200_000, "2,441 ± 746", TD3_PAPER),
+    ("td3", "Hopper", 300_000, "2,410 ± 900", TD3_PAPER),
+    ("td3", "Hopper", 1_000_000, "3,391 ± 378", TD3_PAPER),
+    ("sac", "Hopper", 200_000, "3,234 ± 314", TIANSHOU),
+    ("ddpg", "Hopper", 200_000, "1,272 ± 663", TIANSHOU),
+    ("td3", "Hopper", 200_000, "887 ± 649", TIANSHOU),
+    ("ppo_continuous", "Hopper", 1_000_000, "2,370 ± 696", TIANSHOU),
+    ("trpo", "Hopper", 1_000_000, "2,020 ± 1,102", TIANSHOU),
+    ("td3", "Hopper", 1_000_000, "3,135 ± 360", CLEANRL),
+    ("ddpg", "Hopper", 1_000_000, "1,577 ± 819", CLEANRL),
+]
+SOURCES = [TD3_PAPER, TIANSHOU, CLEANRL]
+
+
+def published(algorithm: str, env_id: str, steps: float) -> list:
+    """(figure, source) of every published figure at this row's budget."""
+    return [(figure, source) for algo, prefix, at, figure, source in PUBLISHED
+            if algo == algorithm and env_id.startswith(prefix) and abs(steps - at) <= 0.05 * at]
+
 
 def episodes(run_dir: str, tag: str = "charts/episodic_return"):
     """(steps, seconds since the run's first event, values) of every logged `tag` event:
@@ -120,29 +145,43 @@ def main():
              "Steps / seconds to threshold: when the 20-episode moving mean first reached the threshold "
              "(seconds from the run's first logged event; — if never). Evaluation: mean return of the "
              "deterministic policy at the run's last evaluation (--eval-frequency; — where the runs have none).", "",
-             "| task | run (--exp-name) | seeds | env steps | final return | evaluation | SPS | wall s | threshold "
-             "| steps to threshold | seconds to threshold |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| task | run (--exp-name) | seeds | env steps | final return | evaluation | published at these steps "
+             "| SPS | wall s | threshold | steps to threshold | seconds to threshold |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    cited = set()
     for (env_id, algo), runs in sorted(groups.items()):
+        figures = published(runs[0]["algorithm"], env_id, np.mean([r["global_step"] for r in runs]))
+        cited.update(source for _, source in figures)
         threshold = THRESHOLDS.get(env_id)
         crossings = [first_crossing(*r["curve"], threshold) if threshold is not None else (None, None) for r in runs]
         reached = sum(c[0] is not None for c in crossings)
         lines.append(
             f"| {env_id} | {runs[0]['algorithm']}.py ({algo}) | {len(runs)} | {fmt([r['global_step'] for r in runs])} "
             f"| {fmt([r['mean_return'] for r in runs], 1)} | {fmt([r.get('eval_return') for r in runs], 1)} "
+            f"| {'; '.join(f'{figure} [{SOURCES.index(source) + 1}]' for figure, source in figures) or '—'} "
             f"| {fmt([r['SPS'] for r in runs])} "
             f"| {fmt([r['wall_seconds'] for r in runs])} | {threshold if threshold is not None else '—'} "
             f"| {fmt([c[0] for c in crossings])} ({reached}/{len(runs)}) | {fmt([c[1] for c in crossings], 1)} |")
-    lines += ["", versions_line([r for runs in groups.values() for r in runs]), ""]
+    lines += [""]
+    if cited:
+        lines += ["Published: " + "; ".join(f"[{i + 1}] {c}" for i, c in enumerate(SOURCES) if c in cited)
+                  + ". Mean ± std over seeds at the same env steps; their env versions differ from ours.", ""]
+    lines += [versions_line([r for runs in groups.values() for r in runs]), ""]
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_env = defaultdict(list)
+    by_env = defaultdict(list)  # one plot per task, or per task and budget where budgets differ 2x or more
+    budgets = defaultdict(set)
     for (env_id, algo), runs in groups.items():
-        by_env[env_id].append((algo, runs))
-    for env_id, entries in sorted(by_env.items()):
+        budgets[env_id].add(max(r["global_step"] for r in runs))
+    for (env_id, algo), runs in groups.items():
+        budget = max(r["global_step"] for r in runs)
+        split = max(budgets[env_id]) >= 2 * min(budgets[env_id])
+        by_env[(env_id, f"{budget / 1e6:g}M" if budget >= 1e6 else f"{budget / 1e3:g}k") if split else (env_id, "")].append(
+            (algo, runs))
+    for (env_id, budget), entries in sorted(by_env.items()):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for k, (algo, runs) in enumerate(sorted(entries)):
             color = f"C{k}"
@@ -162,11 +201,11 @@ def main():
         ax.set_ylabel("return")
         ax.legend(loc="lower right", fontsize=8)
         ax.grid(alpha=0.3)
-        png = f"{env_id.replace('/', '_')}.png"
+        png = f"{env_id.replace('/', '_')}{'_' + budget if budget else ''}.png"
         fig.tight_layout()
         fig.savefig(os.path.join(args.out, png), dpi=110)
         plt.close(fig)
-        lines.append(f"![{env_id}]({png})")
+        lines.append(f"![{env_id}{' ' + budget if budget else ''}]({png})")
         lines.append("")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines))
