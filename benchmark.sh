@@ -6,6 +6,8 @@
 #   ./benchmark.sh offpolicy  the off-policy scripts on Hopper-v4, 200k steps, 1 seed (a CPU-sized slice of `full`)
 #   ./benchmark.sh hopper200k ddpg/td3/sac/d4pg on Hopper-v4 for 200k steps and ppo_continuous/trpo for 1M, 3 seeds,
 #                             deterministic evaluation every 10k (50k) steps, beside published figures (hours: JOBS=2)
+#   ./benchmark.sh cartpole   ppg and svpg beside ppo and a2c on CartPole-v1, 3 seeds
+#   ./benchmark.sh atari      ppo_atari on ALE/Pong-v5 and ALE/Breakout-v5, 2M steps, 1 seed (hours each here)
 #   ./benchmark.sh replay     acer and offpac against a2c and ppo on CartPole-v1 at their defaults, 3 seeds (steps to 475)
 #   ./benchmark.sh scaling    a3c, impala and es with 1 and then 2 processes, same budget, 3 seeds
 #                             (run alone: SPS is the point; budgets of a minute or more, so that the
@@ -18,9 +20,10 @@
 # Runs go to benchmark/runs/<profile>/ (not committed); the report to benchmark/<profile>/.
 set -euo pipefail
 cd "$(dirname "$0")"
-usage="usage: $0 quick|full|offpolicy|hopper200k|replay|scaling  (quick: every script on its test task, 1 seed, ~30 min on 2 cores;
+usage="usage: $0 quick|full|offpolicy|hopper200k|cartpole|atari|replay|scaling  (quick: every script on its test task, 1 seed, ~30 min on 2 cores;
        full: standard tasks, 3 seeds, hours; offpolicy: ddpg/td3/sac/d4pg on Hopper-v4, 200k steps;
        hopper200k: off-policy at 200k and on-policy at 1M on Hopper-v4, 3 seeds, deterministic evaluation;
+       cartpole: ppg/svpg vs ppo/a2c, 3 seeds; atari: ppo_atari on Pong and Breakout, 2M steps;
        replay: acer/offpac vs a2c/ppo, 3 seeds; scaling: a3c/impala/es with 1 and 2 processes)"
 if [ $# -ne 1 ]; then echo "$usage" >&2; exit 2; fi
 profile="$1"
@@ -48,6 +51,8 @@ acer.py            acer                --env-id CartPole-v1
 offpac.py          offpac              --env-id CartPole-v1
 trpo.py            trpo                --env-id InvertedPendulum-v4 --total-timesteps 100000
 acktr.py           acktr               --env-id CartPole-v1
+svpg.py            svpg                --env-id CartPole-v1
+ppo_atari.py       ppo_atari           --env-id ALE/Breakout-v5 --total-timesteps 20000
 PLAN
 )
   ;;
@@ -91,6 +96,24 @@ sac.py             sac                 --env-id Hopper-v4 --total-timesteps 2000
 d4pg.py            d4pg                --env-id Hopper-v4 --total-timesteps 200000 --learning-starts 25000 --eval-frequency 10000
 ppo_continuous.py  ppo_continuous      --env-id Hopper-v4 --total-timesteps 1000000 --eval-frequency 50000
 trpo.py            trpo                --env-id Hopper-v4 --total-timesteps 1000000 --eval-frequency 50000
+PLAN
+)
+  ;;
+cartpole)
+  seeds="1 2 3"  # ppg and svpg beside ppo and a2c, the methods they build on, same seeds, default budgets
+  plan=$(cat <<'PLAN'
+ppg.py             ppg                 --env-id CartPole-v1
+svpg.py            svpg                --env-id CartPole-v1
+ppo.py             ppo                 --env-id CartPole-v1
+a2c.py             a2c                 --env-id CartPole-v1
+PLAN
+)
+  ;;
+atari)
+  seeds="1"  # 2M steps each: hours per game on a 2-core CPU (ppo_atari.py ran 80-140 SPS on a loaded machine)
+  plan=$(cat <<'PLAN'
+ppo_atari.py       ppo_atari           --env-id ALE/Pong-v5 --total-timesteps 2000000
+ppo_atari.py       ppo_atari           --env-id ALE/Breakout-v5 --total-timesteps 2000000
 PLAN
 )
   ;;
