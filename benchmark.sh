@@ -51,6 +51,7 @@ acer.py            acer                --env-id CartPole-v1
 offpac.py          offpac              --env-id CartPole-v1
 trpo.py            trpo                --env-id InvertedPendulum-v4 --total-timesteps 100000
 acktr.py           acktr               --env-id CartPole-v1
+ppg.py             ppg                 --env-id CartPole-v1
 svpg.py            svpg                --env-id CartPole-v1
 ppo_atari.py       ppo_atari           --env-id ALE/Breakout-v5 --total-timesteps 20000
 PLAN

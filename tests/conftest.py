@@ -29,6 +29,7 @@ TINY = {
     "offpac": dict(total_timesteps=2000, learning_starts=500),
     "acktr": dict(total_timesteps=2000),
     "trpo": dict(env_id="InvertedPendulum-v4", total_timesteps=1024, num_steps=256, vf_epochs=2, vf_minibatches=4),
+    "ppg": dict(total_timesteps=2048, num_envs=4, num_steps=64, n_pi=4),
     "svpg": dict(total_timesteps=2000),
     "ppo_atari": dict(total_timesteps=128, num_envs=2, num_steps=32),
 }
