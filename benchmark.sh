@@ -8,6 +8,7 @@
 #                             deterministic evaluation every 10k (50k) steps, beside published figures (hours: JOBS=2)
 #   ./benchmark.sh cartpole   ppg and svpg beside ppo and a2c on CartPole-v1, 3 seeds
 #   ./benchmark.sh atari      ppo_atari on ALE/Pong-v5 and ALE/Breakout-v5, 2M steps, 1 seed (hours each here)
+#   ./benchmark.sh mpe        maddpg, centralised against --independent, on simple_spread_v3 and simple_adversary_v3, 3 seeds
 #   ./benchmark.sh replay     acer and offpac against a2c and ppo on CartPole-v1 at their defaults, 3 seeds (steps to 475)
 #   ./benchmark.sh scaling    a3c, impala and es with 1 and then 2 processes, same budget, 3 seeds
 #                             (run alone: SPS is the point; budgets of a minute or more, so that the
@@ -20,10 +21,11 @@
 # Runs go to benchmark/runs/<profile>/ (not committed); the report to benchmark/<profile>/.
 set -euo pipefail
 cd "$(dirname "$0")"
-usage="usage: $0 quick|full|offpolicy|hopper200k|cartpole|atari|replay|scaling  (quick: every script on its test task, 1 seed, ~30 min on 2 cores;
+usage="usage: $0 quick|full|offpolicy|hopper200k|cartpole|atari|mpe|replay|scaling  (quick: every script on its test task, 1 seed, ~30 min on 2 cores;
        full: standard tasks, 3 seeds, hours; offpolicy: ddpg/td3/sac/d4pg on Hopper-v4, 200k steps;
        hopper200k: off-policy at 200k and on-policy at 1M on Hopper-v4, 3 seeds, deterministic evaluation;
        cartpole: ppg/svpg vs ppo/a2c, 3 seeds; atari: ppo_atari on Pong and Breakout, 2M steps;
+       mpe: maddpg vs --independent on simple_spread/simple_adversary, 3 seeds;
        replay: acer/offpac vs a2c/ppo, 3 seeds; scaling: a3c/impala/es with 1 and 2 processes)"
 if [ $# -ne 1 ]; then echo "$usage" >&2; exit 2; fi
 profile="$1"
@@ -54,6 +56,7 @@ acktr.py           acktr               --env-id CartPole-v1
 ppg.py             ppg                 --env-id CartPole-v1
 svpg.py            svpg                --env-id CartPole-v1
 ppo_atari.py       ppo_atari           --env-id ALE/Breakout-v5 --total-timesteps 20000
+maddpg.py          maddpg              --env-id simple_spread_v3 --total-timesteps 100000
 PLAN
 )
   ;;
@@ -107,6 +110,16 @@ ppg.py             ppg                 --env-id CartPole-v1
 svpg.py            svpg                --env-id CartPole-v1
 ppo.py             ppo                 --env-id CartPole-v1
 a2c.py             a2c                 --env-id CartPole-v1
+PLAN
+)
+  ;;
+mpe)
+  seeds="1 2 3"  # centralised critics against --independent (independent DDPG) on the same seeds; deterministic evaluation
+  plan=$(cat <<'PLAN'
+maddpg.py          maddpg              --env-id simple_spread_v3 --total-timesteps 500000 --eval-frequency 20000 --eval-episodes 100
+maddpg.py          maddpg_independent  --env-id simple_spread_v3 --total-timesteps 500000 --eval-frequency 20000 --eval-episodes 100 --independent
+maddpg.py          maddpg              --env-id simple_adversary_v3 --total-timesteps 500000 --eval-frequency 20000 --eval-episodes 100
+maddpg.py          maddpg_independent  --env-id simple_adversary_v3 --total-timesteps 500000 --eval-frequency 20000 --eval-episodes 100 --independent
 PLAN
 )
   ;;

@@ -32,6 +32,7 @@ TINY = {
     "ppg": dict(total_timesteps=2048, num_envs=4, num_steps=64, n_pi=4),
     "svpg": dict(total_timesteps=2000),
     "ppo_atari": dict(total_timesteps=128, num_envs=2, num_steps=32),
+    "maddpg": dict(total_timesteps=500, learning_starts=200),
 }
 
 
