@@ -116,10 +116,10 @@ PLAN
 mpe)
   seeds="1 2 3"  # centralised critics against --independent (independent DDPG) on the same seeds; deterministic evaluation
   plan=$(cat <<'PLAN'
-maddpg.py          maddpg              --env-id simple_spread_v3 --total-timesteps 500000 --eval-frequency 20000 --eval-episodes 100
-maddpg.py          maddpg_independent  --env-id simple_spread_v3 --total-timesteps 500000 --eval-frequency 20000 --eval-episodes 100 --independent
-maddpg.py          maddpg              --env-id simple_adversary_v3 --total-timesteps 500000 --eval-frequency 20000 --eval-episodes 100
-maddpg.py          maddpg_independent  --env-id simple_adversary_v3 --total-timesteps 500000 --eval-frequency 20000 --eval-episodes 100 --independent
+maddpg.py          maddpg              --env-id simple_spread_v3 --total-timesteps 200000 --eval-frequency 10000 --eval-episodes 100
+maddpg.py          maddpg_independent  --env-id simple_spread_v3 --total-timesteps 200000 --eval-frequency 10000 --eval-episodes 100 --independent
+maddpg.py          maddpg              --env-id simple_adversary_v3 --total-timesteps 200000 --eval-frequency 10000 --eval-episodes 100
+maddpg.py          maddpg_independent  --env-id simple_adversary_v3 --total-timesteps 200000 --eval-frequency 10000 --eval-episodes 100 --independent
 PLAN
 )
   ;;
