@@ -812,7 +812,7 @@ def train(args: Args) -> dict:
                 if args.actor_reg:
                     actor_loss = actor_loss + args.actor_reg * preactivation_penalty(u, own)  # (10)
                 actor_optimizer.zero_grad(set_to_none=True)
-                actor_loss.backward()
+                actor_loss.backward()  # (7): ∇μ_i · ∇_{a_i} Q_i reaches each actor by the chain rule
                 critics.requires_grad_(True)
                 clip_grad_norms_(actors.parameters(), args.max_grad_norm)  # per agent
                 actor_optimizer.step()
