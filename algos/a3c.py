@@ -241,8 +241,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's preemption), handled like Ctrl-C."""
 
 
-def raise_terminated(signum, frame):
-    raise Terminated()
+def raise_if_stopped(stop_signals: list):
+    """Raise KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM) once one has arrived. During
+    training the two signals are only recorded in `stop_signals`, and the main loop calls this at
+    each message from the workers: an exception raised wherever the signal happens to land can
+    stop a library halfway, inside TensorBoard's writer queue (whose close() then waited up to its
+    120-s flush interval) or a multiprocessing queue."""
+    if stop_signals:
+        raise Terminated() if stop_signals[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 class NonFinite(Exception):
@@ -652,19 +658,19 @@ def train(args: Args) -> dict:
     episodes, last_eval, done = 0, None, set()
     last_finite = copy.deepcopy(agent.state_dict())  # saved instead of the model if training turns non-finite
     stopped = stop_reason = None
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    stop_signals = []  # Ctrl-C and SIGTERM, recorded here and raised at the next message from the workers
+    # the workers are born ignoring Ctrl-C and SIGTERM (an ignored signal stays ignored in a new
+    # process, and Python then installs no KeyboardInterrupt): the main process alone stops them
+    previous_handlers = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        # the workers are born ignoring Ctrl-C and SIGTERM (an ignored signal stays ignored in a new
-        # process, and Python then installs no KeyboardInterrupt): the main process alone stops them
-        previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             for p in processes:
                 p.start()
         finally:
-            signal.signal(signal.SIGINT, previous_sigint)
-            signal.signal(signal.SIGTERM, raise_terminated)
+            for s in previous_handlers:
+                signal.signal(s, lambda signum, frame: stop_signals.append(signum))
         while len(done) < args.num_workers:
+            raise_if_stopped(stop_signals)
             try:
                 message = results.get(timeout=1.0)
             except queue.Empty:
@@ -712,7 +718,8 @@ def train(args: Args) -> dict:
     except ChildFailed as e:
         stopped, stop_reason = "child-failed", str(e)
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
         # stop the workers in every case, also on an error: each finishes its update and exits
         stop.value = 1
         for p in processes:

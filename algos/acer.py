@@ -267,8 +267,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's preemption), handled like Ctrl-C."""
 
 
-def raise_terminated(signum, frame):
-    raise Terminated()
+def raise_if_stopped(stop_signals: list):
+    """Raise KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM) once one has arrived. During
+    training the two signals are only recorded in `stop_signals`, and the loop calls this at each
+    env step: an exception raised wherever the signal happens to land can stop a library halfway,
+    inside TensorBoard's writer queue (whose close() then waited up to its 120-s flush interval)
+    or between an optimiser's updates of the parameters and of its moments."""
+    if stop_signals:
+        raise Terminated() if stop_signals[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 class NonFinite(Exception):
@@ -688,7 +694,9 @@ def train(args: Args) -> dict:
     next_obs, _ = envs.reset(seed=args.seed)
     next_done = np.zeros(N, dtype=bool)
     stopped = stop_reason = None
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    stop_signals = []  # Ctrl-C and SIGTERM, recorded here and raised at the next env step
+    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop_signals.append(signum))
+                         for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for iteration in range(1, num_iterations + 1):
             if args.anneal_lr:
@@ -699,6 +707,7 @@ def train(args: Args) -> dict:
             logits_fn = numpy_mlp(agent.policy_net())
             gumbel = rng.gumbel(size=(T, N, n_actions)).astype(np.float32)
             for step in range(T):
+                raise_if_stopped(stop_signals)
                 obs[step], segment["resets"][step] = next_obs, next_done
                 step_logits = logits_fn(next_obs)
                 step_probs = np.exp(step_logits - step_logits.max(-1, keepdims=True))
@@ -759,7 +768,8 @@ def train(args: Args) -> dict:
         for name, m in saved.items():
             m.load_state_dict(last_finite[name])
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
     if stopped:
         print(f"stopped: {stop_reason}", file=sys.stderr)
 

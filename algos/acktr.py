@@ -239,8 +239,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's preemption), handled like Ctrl-C."""
 
 
-def raise_terminated(signum, frame):
-    raise Terminated()
+def raise_if_stopped(stop_signals: list):
+    """Raise KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM) once one has arrived. During
+    training the two signals are only recorded in `stop_signals`, and the loop calls this at each
+    env step: an exception raised wherever the signal happens to land can stop a library halfway,
+    inside TensorBoard's writer queue (whose close() then waited up to its 120-s flush interval)
+    or between an optimiser's updates of the parameters and of its moments."""
+    if stop_signals:
+        raise Terminated() if stop_signals[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 class NonFinite(Exception):
@@ -616,7 +622,9 @@ def train(args: Args) -> dict:
     next_obs, _ = envs.reset(seed=args.seed)
     next_done = np.zeros(N, dtype=bool)
     stopped = stop_reason = None
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    stop_signals = []  # Ctrl-C and SIGTERM, recorded here and raised at the next env step
+    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop_signals.append(signum))
+                         for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for iteration in range(1, num_iterations + 1):
             eta = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations) if args.anneal_lr \
@@ -628,6 +636,7 @@ def train(args: Args) -> dict:
             logits_fn = numpy_mlp(agent.actor)
             gumbel = rng.gumbel(size=(T, N, n_actions)).astype(np.float32)
             for step in range(T):
+                raise_if_stopped(stop_signals)
                 obs[step], resets[step] = next_obs, next_done
                 actions[step] = (logits_fn(next_obs) + gumbel[step]).argmax(-1)
                 next_obs, rewards[step], term, trunc, infos = envs.step(actions[step])
@@ -720,7 +729,8 @@ def train(args: Args) -> dict:
         stopped, stop_reason = "non-finite", str(e)
         agent.load_state_dict(last_finite)
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
     if stopped:
         print(f"stopped: {stop_reason}", file=sys.stderr)
 

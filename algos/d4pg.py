@@ -261,8 +261,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's preemption), handled like Ctrl-C."""
 
 
-def raise_terminated(signum, frame):
-    raise Terminated()
+def raise_if_stopped(stop_signals: list):
+    """Raise KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM) once one has arrived. During
+    training the two signals are only recorded in `stop_signals`, and the learner calls this at
+    each of its rounds and gradient steps: an exception raised wherever the signal happens to land
+    can stop a library halfway, inside TensorBoard's writer queue (whose close() then waited up to
+    its 120-s flush interval), a multiprocessing queue, or an optimiser's step."""
+    if stop_signals:
+        raise Terminated() if stop_signals[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 class NonFinite(Exception):
@@ -800,25 +806,26 @@ def train(args: Args) -> dict:
     last_finite = copy.deepcopy({name: m.state_dict() for name, m in saved.items()})
     actor_loss = None
     stopped = stop_reason = None
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    stop_signals = []  # Ctrl-C and SIGTERM, recorded here and raised at the next learner step
+    # the actors are born ignoring Ctrl-C and SIGTERM (an ignored signal stays ignored in a new
+    # process, and Python then installs no KeyboardInterrupt): the learner alone stops them
+    previous_handlers = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        # the actors are born ignoring Ctrl-C and SIGTERM (an ignored signal stays ignored in a new
-        # process, and Python then installs no KeyboardInterrupt): the learner alone stops them
-        previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             for p in processes:
                 p.start()
         finally:
-            signal.signal(signal.SIGINT, previous_sigint)
-            signal.signal(signal.SIGTERM, raise_terminated)
+            for s in previous_handlers:
+                signal.signal(s, lambda signum, frame: stop_signals.append(signum))
         for round_ in range(num_rounds):
+            raise_if_stopped(stop_signals)
             with torch.no_grad():
                 for t, s in zip(shared_actor.state_dict().values(), actor.state_dict().values()):
                     t.copy_(s)
             for q in commands:
                 q.put(round_)
             for _ in range(owed):  # while the actors act: one gradient step per env step already received
+                raise_if_stopped(stop_signals)
                 learner_steps += 1
                 beta = args.per_beta + (1.0 - args.per_beta) * min(1.0, global_step / args.total_timesteps)  # (7)
                 critic_loss, log_probs, new_actor_loss = learner_step(learner_steps, beta)
@@ -867,7 +874,8 @@ def train(args: Args) -> dict:
     except ChildFailed as e:
         stopped, stop_reason = "child-failed", str(e)
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
         # stop the actors in every case, also on an error: each finishes its round, closes its envs and exits
         for p, q in zip(processes, commands):
             if p.pid is not None:  # started

@@ -195,8 +195,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's preemption), handled like Ctrl-C."""
 
 
-def raise_terminated(signum, frame):
-    raise Terminated()
+def raise_if_stopped(stop_signals: list):
+    """Raise KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM) once one has arrived. During
+    training the two signals are only recorded in `stop_signals`, and the loop calls this at each
+    env step: an exception raised wherever the signal happens to land can stop a library halfway,
+    inside TensorBoard's writer queue (whose close() then waited up to its 120-s flush interval)
+    or between an optimiser's updates of the parameters and of its moments."""
+    if stop_signals:
+        raise Terminated() if stop_signals[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 class NonFinite(Exception):
@@ -508,9 +514,12 @@ def train(args: Args) -> dict:
     reset_step = np.zeros(args.num_envs, dtype=bool)  # this step of env i only resets it (NEXT_STEP)
     actor_loss = None
     stopped = stop_reason = None
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    stop_signals = []  # Ctrl-C and SIGTERM, recorded here and raised at the next env step
+    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop_signals.append(signum))
+                         for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for iteration in range(1, num_iterations + 1):
+            raise_if_stopped(stop_signals)
             if global_step < args.learning_starts:
                 actions = rng.uniform(low, high, (args.num_envs, act_dim)).astype(np.float32)
             else:
@@ -580,7 +589,8 @@ def train(args: Args) -> dict:
         for name, m in saved.items():
             m.load_state_dict(last_finite[name])
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
     if stopped:
         print(f"stopped: {stop_reason}", file=sys.stderr)
 

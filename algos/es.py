@@ -224,8 +224,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's preemption), handled like Ctrl-C."""
 
 
-def raise_terminated(signum, frame):
-    raise Terminated()
+def raise_if_stopped(stop_signals: list):
+    """Raise KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM) once one has arrived. During
+    training the two signals are only recorded in `stop_signals`, and the main process calls this
+    at each generation and each pair it plays or takes: an exception raised wherever the signal
+    happens to land can stop a library halfway, inside TensorBoard's writer queue (whose close()
+    then waited up to its 120-s flush interval) or a multiprocessing queue."""
+    if stop_signals:
+        raise Terminated() if stop_signals[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 class NonFinite(Exception):
@@ -454,12 +460,13 @@ def check_children(processes: list, errors, role: str):
             raise ChildFailed(f"{role} {rank} failed: {message}")
 
 
-def collect(play_pair, tasks, results, errors, processes: list, count: int) -> list:
+def collect(play_pair, tasks, results, errors, processes: list, count: int, stop_signals: list) -> list:
     """The rows of the `count` pairs of a generation, whose tasks are on the queue. The main
     process plays pairs from it too while any are left (so the workers' start-up costs no time)
     and takes the workers' rows; ChildFailed if a worker has stopped."""
     rows = []
     while len(rows) < count:
+        raise_if_stopped(stop_signals)
         with contextlib.suppress(queue.Empty):
             rows.append(play_pair(tasks.get(timeout=0.01)[1:]))
         with contextlib.suppress(queue.Empty):
@@ -635,19 +642,19 @@ def train(args: Args) -> dict:
     episodes, last_eval = 0, None
     last_finite = copy.deepcopy(policy.state_dict())  # saved instead of θ if training turns non-finite
     stopped = stop_reason = None
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    stop_signals = []  # Ctrl-C and SIGTERM, recorded here and raised at the next generation
+    # the workers are born ignoring Ctrl-C and SIGTERM (an ignored signal stays ignored in a new
+    # process, and Python then installs no KeyboardInterrupt): the main process alone stops them
+    previous_handlers = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        # the workers are born ignoring Ctrl-C and SIGTERM (an ignored signal stays ignored in a new
-        # process, and Python then installs no KeyboardInterrupt): the main process alone stops them
-        previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             for p in processes:
                 p.start()
         finally:
-            signal.signal(signal.SIGINT, previous_sigint)
-            signal.signal(signal.SIGTERM, raise_terminated)
+            for s in previous_handlers:
+                signal.signal(s, lambda signum, frame: stop_signals.append(signum))
         while global_step < args.total_timesteps:
+            raise_if_stopped(stop_signals)
             noise_seeds, env_seeds = rng.integers(0, 2**31, size=(2, pairs))  # the same on every rank
             work = [(k, int(noise_seeds[k]), int(env_seeds[k])) for k in range(pairs)]
             obs_mean, obs_std = observation_statistics(obs_count, obs_total, obs_squares)
@@ -659,7 +666,7 @@ def train(args: Args) -> dict:
                     shared_obs.copy_(torch.as_tensor(np.stack([obs_mean, obs_std])))
                 for task in work:
                     tasks.put((generation, *task))
-                rows = collect(play_pair, tasks, results, errors, processes, pairs)
+                rows = collect(play_pair, tasks, results, errors, processes, pairs, stop_signals)
             else:  # the main process alone plays (this rank's share of) the pairs
                 rows = [play_pair(task) for task in work[rank::world_size]]
                 if distributed:
@@ -720,7 +727,8 @@ def train(args: Args) -> dict:
     except ChildFailed as e:
         stopped, stop_reason = "child-failed", str(e)
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
         # stop the workers in every case, also on an error: each finishes its episode and exits
         if processes:
             stop.set()

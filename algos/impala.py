@@ -247,8 +247,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's preemption), handled like Ctrl-C."""
 
 
-def raise_terminated(signum, frame):
-    raise Terminated()
+def raise_if_stopped(stop_signals: list):
+    """Raise KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM) once one has arrived. During
+    training the two signals are only recorded in `stop_signals`, and the learner calls this at
+    each update: an exception raised wherever the signal happens to land can stop a library
+    halfway, inside TensorBoard's writer queue (whose close() then waited up to its 120-s flush
+    interval), a pipe to an actor, or an optimiser's step."""
+    if stop_signals:
+        raise Terminated() if stop_signals[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 class NonFinite(Exception):
@@ -847,10 +853,13 @@ def train(args: Args) -> dict:
     lag_sum, lag_count, logged = 0, 0, (0, 0)  # policy lags summed over all unrolls, and at the last log
     last_finite = copy.deepcopy(agent.state_dict())  # saved instead of the model if training turns non-finite
     stopped = stop_reason = None
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    stop_signals = []  # Ctrl-C and SIGTERM, recorded here and raised at the next update
+    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop_signals.append(signum))
+                         for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         actors.start()
         for update in range(num_updates):
+            raise_if_stopped(stop_signals)
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - update / num_updates)
             slots = [actors.next_unroll() for _ in range(B)]
@@ -931,7 +940,8 @@ def train(args: Args) -> dict:
     except ChildFailed as e:
         stopped, stop_reason = "child-failed", str(e)
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
         actors.close()  # in every case, also on an error
     if stopped:
         print(f"stopped: {stop_reason}", file=sys.stderr)

@@ -175,8 +175,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's preemption), handled like Ctrl-C."""
 
 
-def raise_terminated(signum, frame):
-    raise Terminated()
+def raise_if_stopped(stop_signals: list):
+    """Raise KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM) once one has arrived. During
+    training the two signals are only recorded in `stop_signals`, and the loop calls this at each
+    env step: an exception raised wherever the signal happens to land can stop a library halfway,
+    inside TensorBoard's writer queue (whose close() then waited up to its 120-s flush interval)
+    or between an optimiser's updates of the parameters and of its moments."""
+    if stop_signals:
+        raise Terminated() if stop_signals[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 class NonFinite(Exception):
@@ -457,7 +463,9 @@ def train(args: Args) -> dict:
     last_finite = copy.deepcopy((policy.state_dict(), baseline.state_dict() if args.baseline else None))
     next_obs, _ = envs.reset(seed=args.seed)
     stopped = stop_reason = None
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    stop_signals = []  # Ctrl-C and SIGTERM, recorded here and raised at the next env step
+    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop_signals.append(signum))
+                         for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while global_step < args.total_timesteps:
             iteration += 1
@@ -468,6 +476,7 @@ def train(args: Args) -> dict:
             alive = np.ones(N, dtype=bool)
             logits_fn = numpy_mlp(policy.logits)
             while alive.any():
+                raise_if_stopped(stop_signals)
                 obs.append(next_obs)
                 alive_rows.append(alive.copy())
                 # a ~ π(·|s) by the Gumbel-max trick: argmax(logits + g), g ~ Gumbel(0, 1)
@@ -536,7 +545,8 @@ def train(args: Args) -> dict:
         if args.baseline:
             baseline.load_state_dict(last_finite[1])
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
     if stopped:
         print(f"stopped: {stop_reason}", file=sys.stderr)
 

@@ -219,8 +219,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's preemption), handled like Ctrl-C."""
 
 
-def raise_terminated(signum, frame):
-    raise Terminated()
+def raise_if_stopped(stop_signals: list):
+    """Raise KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM) once one has arrived. During
+    training the two signals are only recorded in `stop_signals`, and the loop calls this at each
+    env step: an exception raised wherever the signal happens to land can stop a library halfway,
+    inside TensorBoard's writer queue (whose close() then waited up to its 120-s flush interval)
+    or between an optimiser's updates of the parameters and of its moments."""
+    if stop_signals:
+        raise Terminated() if stop_signals[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 class NonFinite(Exception):
@@ -574,9 +580,12 @@ def train(args: Args) -> dict:
     reset_step = np.zeros(N, dtype=bool)  # this step of env i is the reset step after an episode end
     actor_loss = alpha_loss = log_prob = None
     stopped = stop_reason = None
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
+    stop_signals = []  # Ctrl-C and SIGTERM, recorded here and raised at the next env step
+    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop_signals.append(signum))
+                         for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in range(1, num_steps + 1):
+            raise_if_stopped(stop_signals)
             if global_step < args.learning_starts:
                 actions = envs.action_space.sample().astype(np.float32)
             else:
@@ -670,7 +679,8 @@ def train(args: Args) -> dict:
             m.load_state_dict(last_finite[name])
         alpha = last_finite_alpha
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
     if stopped:
         print(f"stopped: {stop_reason}", file=sys.stderr)
 
