@@ -7,7 +7,7 @@
 #   ./benchmark.sh hopper200k ddpg/td3/sac/d4pg on Hopper-v4 for 200k steps and ppo_continuous/trpo for 1M, 3 seeds,
 #                             deterministic evaluation every 10k (50k) steps, beside published figures (hours: JOBS=2)
 #   ./benchmark.sh cartpole   ppg and svpg beside ppo and a2c on CartPole-v1, 3 seeds
-#   ./benchmark.sh atari      ppo_atari on ALE/Pong-v5 and ALE/Breakout-v5, 2M steps, 1 seed (hours each here)
+#   ./benchmark.sh atari      ppo_atari on ALE/Pong-v5 and ALE/Breakout-v5, 2M steps, 1 seed, 2 threads (run alone: hours each)
 #   ./benchmark.sh mpe        maddpg, centralised against --independent, on simple_spread_v3 and simple_adversary_v3, 3 seeds
 #   ./benchmark.sh replay     acer and offpac against a2c and ppo on CartPole-v1 at their defaults, 3 seeds (steps to 475)
 #   ./benchmark.sh scaling    a3c, impala and es with 1 and then 2 processes, same budget, 3 seeds
@@ -124,10 +124,11 @@ PLAN
 )
   ;;
 atari)
-  seeds="1"  # 2M steps each: hours per game on a 2-core CPU (ppo_atari.py ran 80-140 SPS on a loaded machine)
+  seeds="1"  # 2M steps each: 1.6 h or more per game on a 2-core CPU. Run it alone (JOBS=1): with two torch
+  # threads ppo_atari.py made 346 SPS on the idle machine against 248 with one (README, "ppo_atari.py runs ...")
   plan=$(cat <<'PLAN'
-ppo_atari.py       ppo_atari           --env-id ALE/Pong-v5 --total-timesteps 2000000
-ppo_atari.py       ppo_atari           --env-id ALE/Breakout-v5 --total-timesteps 2000000
+ppo_atari.py       ppo_atari           --env-id ALE/Pong-v5 --total-timesteps 2000000 --torch-threads 2
+ppo_atari.py       ppo_atari           --env-id ALE/Breakout-v5 --total-timesteps 2000000 --torch-threads 2
 PLAN
 )
   ;;
