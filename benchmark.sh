@@ -8,6 +8,9 @@
 #                             deterministic evaluation every 10k (50k) steps, beside published figures (hours: JOBS=2)
 #   ./benchmark.sh cartpole   ppg and svpg beside ppo and a2c on CartPole-v1, 3 seeds
 #   ./benchmark.sh atari      ppo_atari on ALE/Pong-v5 and ALE/Breakout-v5, 2M steps, 1 seed, 2 threads (run alone: hours each)
+#   ./benchmark.sh hopper200k-ablations  one change at a time against hopper200k's defaults (ddpg's every-step
+#                             actor update; td3 with the TD3 paper's Hopper settings: 1,000 random steps, lr 1e-3,
+#                             batch 100), 3 seeds, reported with hopper200k
 #   ./benchmark.sh mpe        maddpg, centralised against --independent, on simple_spread_v3 and simple_adversary_v3, 3 seeds
 #   ./benchmark.sh replay     acer and offpac against a2c and ppo on CartPole-v1 at their defaults, 3 seeds (steps to 475)
 #   ./benchmark.sh scaling    a3c, impala and es with 1 and then 2 processes, same budget, 3 seeds
@@ -21,9 +24,10 @@
 # Runs go to benchmark/runs/<profile>/ (not committed); the report to benchmark/<profile>/.
 set -euo pipefail
 cd "$(dirname "$0")"
-usage="usage: $0 quick|full|offpolicy|hopper200k|cartpole|atari|mpe|replay|scaling  (quick: every script on its test task, 1 seed, ~30 min on 2 cores;
+usage="usage: $0 quick|full|offpolicy|hopper200k|hopper200k-ablations|cartpole|atari|mpe|replay|scaling  (quick: every script on its test task, 1 seed, ~30 min on 2 cores;
        full: standard tasks, 3 seeds, hours; offpolicy: ddpg/td3/sac/d4pg on Hopper-v4, 200k steps;
        hopper200k: off-policy at 200k and on-policy at 1M on Hopper-v4, 3 seeds, deterministic evaluation;
+       hopper200k-ablations: one change at a time against hopper200k's defaults, reported with it;
        cartpole: ppg/svpg vs ppo/a2c, 3 seeds; atari: ppo_atari on Pong and Breakout, 2M steps;
        mpe: maddpg vs --independent on simple_spread/simple_adversary, 3 seeds;
        replay: acer/offpac vs a2c/ppo, 3 seeds; scaling: a3c/impala/es with 1 and 2 processes)"
@@ -31,8 +35,6 @@ if [ $# -ne 1 ]; then echo "$usage" >&2; exit 2; fi
 profile="$1"
 jobs="${JOBS:-1}"
 root="$PWD"
-runs="$root/benchmark/runs/$profile"
-mkdir -p "$runs"
 
 # one line per run: script  exp-name  arguments
 case "$profile" in
@@ -103,6 +105,15 @@ trpo.py            trpo                --env-id Hopper-v4 --total-timesteps 1000
 PLAN
 )
   ;;
+hopper200k-ablations)
+  seeds="1 2 3"  # ablations against the hopper200k defaults, same seeds; runs and report go with hopper200k's
+  report_as=hopper200k
+  plan=$(cat <<'PLAN'
+ddpg.py            ddpg_policy_frequency_1  --env-id Hopper-v4 --total-timesteps 200000 --learning-starts 25000 --eval-frequency 10000 --policy-frequency 1
+td3.py             td3_paper_hopper    --env-id Hopper-v4 --total-timesteps 200000 --learning-starts 1000 --learning-rate 0.001 --batch-size 100 --eval-frequency 10000
+PLAN
+)
+  ;;
 cartpole)
   seeds="1 2 3"  # ppg and svpg beside ppo and a2c, the methods they build on, same seeds, default budgets
   plan=$(cat <<'PLAN'
@@ -157,6 +168,9 @@ PLAN
 *) echo "$usage" >&2; exit 2 ;;
 esac
 seeds="${SEEDS:-$seeds}"
+profile="${report_as:-$profile}"
+runs="$root/benchmark/runs/$profile"
+mkdir -p "$runs"
 
 commands=()
 for seed in $seeds; do  # seeds outermost: runs to be compared alternate, so a drift of the machine's speed hits all alike
