@@ -12,7 +12,7 @@ from conftest import ALGOS, ALGOS_DIR, ROOT
 
 # import name -> requirements.txt distribution
 ALLOWED = {"numpy": "numpy", "torch": "torch", "gymnasium": "gymnasium", "tyro": "tyro",
-           "tensorboard": "tensorboard", "ale_py": "ale-py", "mpe2": "mpe2"}
+           "tensorboard": "tensorboard", "ale_py": "ale-py", "mpe2": "mpe2", "pettingzoo": "pettingzoo"}
 OPTIONAL = {"wandb"}  # imported only inside a function, when --track asks for it
 
 
