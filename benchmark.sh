@@ -8,7 +8,7 @@
 #                             deterministic evaluation every 10k (50k) steps, beside published figures (hours: JOBS=2)
 #   ./benchmark.sh cartpole   ppg and svpg beside ppo and a2c on CartPole-v1, 3 seeds
 #   ./benchmark.sh atari      ppo_atari on ALE/Pong-v5 and ALE/Breakout-v5, 2M steps, 1 seed, 2 threads (run alone: hours each)
-#   ./benchmark.sh hopper200k-ablations  one change at a time against hopper200k's defaults (ddpg's every-step
+#   ./benchmark.sh hopper200k-ablations  ablations against hopper200k's defaults (ddpg's every-step
 #                             actor update; td3 with the TD3 paper's Hopper settings: 1,000 random steps, lr 1e-3,
 #                             batch 100), 3 seeds, reported with hopper200k
 #   ./benchmark.sh mpe        maddpg, centralised against --independent, on simple_spread_v3 and simple_adversary_v3, 3 seeds
@@ -27,7 +27,7 @@ cd "$(dirname "$0")"
 usage="usage: $0 quick|full|offpolicy|hopper200k|hopper200k-ablations|cartpole|atari|mpe|replay|scaling  (quick: every script on its test task, 1 seed, ~30 min on 2 cores;
        full: standard tasks, 3 seeds, hours; offpolicy: ddpg/td3/sac/d4pg on Hopper-v4, 200k steps;
        hopper200k: off-policy at 200k and on-policy at 1M on Hopper-v4, 3 seeds, deterministic evaluation;
-       hopper200k-ablations: one change at a time against hopper200k's defaults, reported with it;
+       hopper200k-ablations: ablations against hopper200k's defaults, reported with it;
        cartpole: ppg/svpg vs ppo/a2c, 3 seeds; atari: ppo_atari on Pong and Breakout, 2M steps;
        mpe: maddpg vs --independent on simple_spread/simple_adversary, 3 seeds;
        replay: acer/offpac vs a2c/ppo, 3 seeds; scaling: a3c/impala/es with 1 and 2 processes)"
